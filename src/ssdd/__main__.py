@@ -1,0 +1,3 @@
+from ssdd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Safe artifact formats and atomic writes.
+
+Everything ssdd writes is safetensors (tensors + string metadata) or JSON, written to a
+temporary file in the same folder, fsynced and renamed, so a crash never leaves a
+half-written artifact and loading never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+import ssdd
+from ssdd.errors import UserError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync it and rename it onto ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{path.parent}: output folder is a file") from None
+    except PermissionError:
+        raise UserError(f"{path.parent}: no permission to create the output folder") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError:
+        raise UserError(f"{path.parent}: no permission to write") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise UserError(f"{path}: write failed ({err.strerror or err})") from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Save tensors with metadata; non-string metadata values are stored as JSON strings."""
+    meta = {"ssdd_version": ssdd.__version__, **meta}
+    str_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_bytes(path, st_save_bytes(tensors, metadata=str_meta))
+
+
+def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file: tensors and metadata (JSON strings decoded where possible)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        tensors = st_load_bytes(data)
+        header_len = int.from_bytes(data[:8], "little")
+        raw_meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a valid safetensors file ({err})") from None
+    meta: dict[str, Any] = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise UserError(f"{path}: missing tensors {missing} (has {sorted(tensors)})")
+    return tensors, meta
+
+
+# ---- distilled sets -------------------------------------------------------------------
+
+def save_distilled(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor, meta: dict[str, Any]) -> None:
+    save_tensors(path, {"images": images.float(), "targets": targets.float()}, {"kind": "distilled_set", **meta})
+
+
+def load_distilled(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    tensors, meta = load_tensors(path, required=("images", "targets"))
+    images, targets = tensors["images"], tensors["targets"]
+    if images.ndim != 4 or targets.ndim != 2 or len(images) != len(targets):
+        raise UserError(f"{path}: expected images (m,C,H,W) and targets (m,d), got "
+                        f"{tuple(images.shape)} and {tuple(targets.shape)}")
+    if not (torch.isfinite(images).all() and torch.isfinite(targets).all()):
+        raise UserError(f"{path}: distilled set holds NaN or inf values")
+    return images, targets, meta
+
+
+# ---- encoders -------------------------------------------------------------------------
+
+def save_encoder(path: str | os.PathLike, model: torch.nn.Module, spec: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Save a model's weights with the spec that rebuilds it (``ssdd.models.build(spec)``)."""
+    state = {k: v for k, v in model.state_dict().items()}
+    save_tensors(path, state, {"kind": "encoder", "model_spec": spec, **meta})
+
+
+def load_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state, meta = load_tensors(path)
+    if meta.get("kind") != "encoder" or "model_spec" not in meta:
+        raise UserError(f"{path}: not an ssdd encoder artifact (no model_spec in its metadata)")
+    return state, meta

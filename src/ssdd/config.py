@@ -1,0 +1,275 @@
+"""Typed configuration: defaults in dataclasses, presets as TOML files, typed overrides.
+
+One source of truth for every default: the dataclasses below. A preset only lists what
+differs; ``--set key=value`` overrides must match the default's type, and unknown keys are
+rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from ssdd.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """A network from the registry (see ``ssdd.models``)."""
+
+    arch: str = "convnet"
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    pool: str = "gap"  # convnet: "gap" (global average) or "flatten" (the paper's ConvNet)
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist5k"  # bundled name, or a prepared dataset file
+    size: int = 32
+    heldout: int = 500  # source images never used to train teacher or distillation
+    targets: list[str] = field(default_factory=lambda: ["digits"])
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # bring your own teacher (file); empty = train Barlow Twins here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 1000
+    batch: int = 256
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    projector: list[int] = field(default_factory=lambda: [2048, 2048])
+    redundancy_weight: float = 5e-3  # Barlow Twins lambda
+    min_crop_scale: float = 0.2
+
+
+@dataclass
+class DistillConfig:
+    m: int = 1000
+    steps: int = 160_000
+    batch: int = 1024
+    lr_images: float = 1e-4
+    lr_targets: float = 1e-4
+    final_lr_ratio: float = 1e-3
+    ridge: float = 1e-6  # lambda = ridge * trace(K_ss)
+    pool_size: int = 10
+    pool_max_age: int = 1000
+    pool_reset: str = "fixed"  # "fixed": age counter reset on re-init; "reference": never reset
+    pool_lr: float = 0.1
+    pool_momentum: float = 0.9
+    pool_weight_decay: float = 1e-3
+    image_space: str = "normalized"  # "normalized" or "reference" (raw [0,1] synthetic pixels)
+    flip: bool = True
+    crop_pad: int = 4
+    check_batches: int = 4  # held-out real batches for distill_check.json
+    check_models: int = 4
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 1000
+    batch: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+
+
+@dataclass
+class EvaluateConfig:
+    seeds: int = 3
+    protocols: list[str] = field(default_factory=lambda: ["linear", "finetune"])
+    linear_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    linear_draws: int = 5  # label draws averaged when the fraction is below 1
+    finetune_fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    finetune_iters: int = 10_000
+    finetune_batch: int = 256
+    finetune_lr: float = 0.01
+    finetune_momentum: float = 0.9
+    finetune_weight_decay: float = 5e-4
+    finetune_flip: bool = True
+    finetune_crop_pad: int = 4
+    test_split: float = 0.3  # for targets without their own test split
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # pool models and students
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+CHOICES = {
+    "distill.pool_reset": ("fixed", "reference"),
+    "distill.image_space": ("normalized", "reference"),
+    "model.pool": ("gap", "flatten"),
+    "teacher.model.pool": ("gap", "flatten"),
+}
+
+
+def presets_dir() -> Path:
+    """Where presets live: $SSDD_CONFIGS, else the repository's ``configs/``."""
+    env = os.environ.get("SSDD_CONFIGS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+
+
+def available_presets() -> list[str]:
+    d = presets_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def _preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise UserError(f"--preset: file {name} not found")
+        return path
+    path = presets_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise UserError(f"--preset: unknown preset '{name}' (available: {', '.join(available_presets()) or 'none'})")
+    return path
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    obj = Config() if obj is None else obj
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += valid_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
+    """Return ``value`` converted to the type of ``default`` or raise a one-line UserError."""
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise UserError(f"{origin}: {key}={value!r} is not a valid {type(default).__name__}") from None
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+        if ok and default:
+            value = [_coerce(key, v, default[0], origin) for v in value]
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise UserError(f"{origin}: {key} expects {type(default).__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"{origin}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _assign(cfg: Config, key: str, value: Any, origin: str) -> None:
+    *parents, leaf = key.split(".")
+    obj: Any = cfg
+    for part in parents:
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            break
+    if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)} \
+            or dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise UserError(f"{origin}: unknown key '{key}' (valid keys: {', '.join(valid_keys())})")
+    setattr(obj, leaf, _coerce(key, value, getattr(obj, leaf), origin))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set: expected key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the preset file, then the overrides; validated."""
+    cfg = Config()
+    if preset:
+        path = _preset_path(preset)
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"--preset: {path} is not valid TOML ({err})") from None
+        for key, value in _flatten(table).items():
+            _assign(cfg, key, value, str(path))
+    for key, value in (overrides or {}).items():
+        _assign(cfg, key, value, "--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    positive = {
+        "data.size": cfg.data.size, "distill.m": cfg.distill.m, "distill.steps": cfg.distill.steps,
+        "distill.batch": cfg.distill.batch, "distill.pool_size": cfg.distill.pool_size,
+        "distill.pool_max_age": cfg.distill.pool_max_age, "teacher.epochs": cfg.teacher.epochs,
+        "teacher.batch": cfg.teacher.batch, "pretrain.epochs": cfg.pretrain.epochs,
+        "pretrain.batch": cfg.pretrain.batch, "evaluate.seeds": cfg.evaluate.seeds,
+        "evaluate.finetune_iters": cfg.evaluate.finetune_iters,
+        "evaluate.finetune_batch": cfg.evaluate.finetune_batch,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config: {key} must be positive, got {value}")
+    for key in ("evaluate.linear_fractions", "evaluate.finetune_fractions"):
+        for frac in _get(cfg, key):
+            if not 0 < frac <= 1:
+                raise UserError(f"config: {key} values must be in (0, 1], got {frac}")
+    for proto in cfg.evaluate.protocols:
+        if proto not in ("linear", "finetune"):
+            raise UserError(f"config: evaluate.protocols: unknown protocol '{proto}' (valid: linear, finetune)")
+    if not cfg.data.targets:
+        raise UserError("config: data.targets must name at least one target dataset")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(section: Any) -> str:
+    """A short stable hash of a config section: stage artifacts are reused only when it matches."""
+    blob = json.dumps(section if isinstance(section, dict) else to_dict(section), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,37 @@
+"""Batched augmentation on whole device tensors (no per-image Python work)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop after zero-padding by ``pad`` and random horizontal flip, per image."""
+    n, _, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chan, rows, cols]
+    if flip:
+        mask = torch.rand(n, device=x.device, generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def ssl_views(x: torch.Tensor, min_scale: float = 0.2) -> torch.nn.Module:
+    """The Barlow Twins view pipeline (kornia): resized crop, flip, colour jitter, grayscale."""
+    import kornia.augmentation as K
+
+    size = x.shape[-2:]
+    ops: list[torch.nn.Module] = [K.RandomResizedCrop(size, scale=(min_scale, 1.0)), K.RandomHorizontalFlip()]
+    if x.shape[1] == 3:
+        ops += [K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.RandomGrayscale(p=0.2)]
+    else:
+        ops += [K.ColorJitter(0.4, 0.4, p=0.8)]
+    return K.AugmentationSequential(*ops)

@@ -1,0 +1,74 @@
+"""The model pool: P feature extractors of different ages whose kernels KRR-ST matches.
+
+Each pick trains the model one SGD step on the synthetic set; a model that reaches
+``max_age`` steps is re-initialised. ``reset="fixed"`` (default) restarts its age at 0;
+``reset="reference"`` keeps counting as the reference code does, so from then on that model
+is re-initialised after every pick.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ssdd.models import Encoder, build
+
+
+class ModelPool:
+    def __init__(self, spec: dict[str, Any], size: int, max_age: int, reset: str = "fixed", lr: float = 0.1,
+                 momentum: float = 0.9, weight_decay: float = 1e-3, device: torch.device | str = "cpu",
+                 seed: int = 0):
+        if reset not in ("fixed", "reference"):
+            raise ValueError(f"reset must be 'fixed' or 'reference', got {reset!r}")
+        self.spec, self.size, self.max_age, self.reset = spec, size, max_age, reset
+        self.opt_args = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.device = device
+        self.rng = random.Random(seed)
+        self.models: list[Encoder] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.ages: list[int] = []
+        self.reinits = 0
+
+    def _fresh(self) -> tuple[Encoder, torch.optim.Optimizer]:
+        model = build(self.spec).to(self.device)
+        return model, torch.optim.SGD(model.parameters(), **self.opt_args)
+
+    def add(self, model: Encoder) -> int:
+        """Adopt a model at age 0 (with a fresh optimizer); returns its index."""
+        self.models.append(model.to(self.device))
+        self.optimizers.append(torch.optim.SGD(model.parameters(), **self.opt_args))
+        self.ages.append(0)
+        return len(self.models) - 1
+
+    def populate(self, x_s: torch.Tensor, y_s: torch.Tensor) -> None:
+        """Create the P models, each trained a random number of steps in [1, max_age)."""
+        for _ in range(self.size):
+            idx = self.add(build(self.spec))
+            for _ in range(self.rng.randrange(1, max(2, self.max_age))):
+                self._sgd_step(idx, x_s, y_s)
+
+    def pick(self) -> int:
+        return self.rng.randrange(self.size)
+
+    def _sgd_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float:
+        model, opt = self.models[idx], self.optimizers[idx]
+        model.train()
+        loss = F.mse_loss(model(x_s.detach()), y_s.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.ages[idx] += 1
+        return loss.item()
+
+    def train_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float:
+        """One SGD step of model ``idx`` on MSE(model(x_s), y_s); re-initialise it when old enough."""
+        loss = self._sgd_step(idx, x_s, y_s)
+        if self.ages[idx] >= self.max_age:
+            self.models[idx], self.optimizers[idx] = self._fresh()
+            self.reinits += 1
+            if self.reset == "fixed":
+                self.ages[idx] = 0
+        return loss

@@ -1,0 +1,47 @@
+"""Fine-tuning: the whole encoder plus a new linear head, on a labelled target."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ssdd.config import EvaluateConfig
+from ssdd.data import BatchSampler, ImageSet, Normalizer
+from ssdd.data.augment import crop_flip
+from ssdd.models import Encoder
+
+
+@torch.no_grad()
+def accuracy(model: Encoder, test: ImageSet, norm: Normalizer, device: torch.device | str, chunk: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(test), chunk):
+        logits = model(norm(test.images[i:i + chunk].to(device)))
+        correct += (logits.argmax(1).cpu() == test.labels[i:i + chunk]).sum().item()
+    return correct / len(test)
+
+
+def finetune_accuracy(encoder: Encoder, train: ImageSet, test: ImageSet, norm: Normalizer, cfg: EvaluateConfig,
+                      seed: int, device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune") -> float:
+    """SGD with momentum and cosine decay over ``finetune_iters`` steps, crop (+flip) augmentation."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(encoder).to(device)
+    model.replace_head(train.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.finetune_lr, momentum=cfg.finetune_momentum,
+                          weight_decay=cfg.finetune_weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.finetune_iters)
+    sampler = BatchSampler(train, cfg.finetune_batch, device, seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(cfg.finetune_iters), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        x, y = sampler.next()
+        x = norm(crop_flip(x, cfg.finetune_crop_pad, cfg.finetune_flip, gen))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return accuracy(model, test, norm, device)

@@ -1,0 +1,26 @@
+"""ConvNet-D, the standard dataset-distillation network: D blocks of conv3x3-norm-ReLU-avgpool2."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ssdd.models.registry import Encoder, register
+
+
+@register("convnet")
+def convnet(in_channels: int, image_size: int, out_dim: int, widths: list[int] = (128, 256, 512),
+            pool: str = "flatten") -> Encoder:
+    """``pool="flatten"`` is the paper's ConvNet (features = flattened last map); ``"gap"`` averages it."""
+    layers: list[nn.Module] = []
+    channels, size = in_channels, image_size
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                   nn.AvgPool2d(2)]
+        channels, size = width, size // 2
+    if pool == "gap":
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        feature_dim = channels
+    else:
+        layers += [nn.Flatten()]
+        feature_dim = channels * size * size
+    return Encoder(nn.Sequential(*layers), feature_dim, out_dim)

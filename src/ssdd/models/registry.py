@@ -1,0 +1,76 @@
+"""Models by name: ``@register("name")`` on a factory, ``build(spec)`` to create one.
+
+Every model is an :class:`Encoder`: ``features(x)`` gives the representation and ``head``
+is a replaceable linear layer, so one spec rebuilds any saved encoder.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ssdd.artifacts import load_encoder
+from ssdd.errors import UserError
+
+_REGISTRY: dict[str, Callable[..., "Encoder"]] = {}
+
+
+class Encoder(nn.Module):
+    """A backbone producing ``feature_dim`` features plus a linear head to ``out_dim``."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, out_dim) if out_dim > 0 else nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def replace_head(self, out_dim: int) -> None:
+        self.head = nn.Linear(self.feature_dim, out_dim).to(next(self.parameters()).device)
+
+
+def register(name: str) -> Callable:
+    def wrap(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(spec: dict[str, Any]) -> Encoder:
+    """Create a model from a spec: ``arch``, ``in_channels``, ``image_size``, ``out_dim`` plus options."""
+    spec = dict(spec)
+    arch = spec.pop("arch")
+    if arch not in _REGISTRY:
+        raise UserError(f"model: unknown architecture '{arch}' (available: {', '.join(names())})")
+    return _REGISTRY[arch](**spec)
+
+
+def model_spec(model_cfg: Any, in_channels: int, image_size: int, out_dim: int) -> dict[str, Any]:
+    """The build spec for a :class:`ssdd.config.ModelConfig` on images of the given shape."""
+    spec = {"arch": model_cfg.arch, "in_channels": in_channels, "image_size": image_size, "out_dim": out_dim}
+    if model_cfg.arch == "convnet":
+        spec.update(widths=list(model_cfg.widths), pool=model_cfg.pool)
+    return spec
+
+
+def encoder_from_artifact(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Encoder, dict]:
+    """Rebuild an encoder saved by :func:`ssdd.artifacts.save_encoder`."""
+    state, meta = load_encoder(path)
+    model = build(meta["model_spec"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit {meta['model_spec'].get('arch')}: "
+                        f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    return model.to(device).eval(), meta
