@@ -46,6 +46,7 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 1000
     batch: int = 256
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adamw"
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -117,6 +118,7 @@ CHOICES = {
     "distill.pool_reset": ("fixed", "reference"),
     "distill.image_space": ("normalized", "reference"),
     "model.pool": ("gap", "flatten"),
+    "teacher.optimizer": ("sgd", "adamw"),
     "teacher.model.pool": ("gap", "flatten"),
 }
 
@@ -169,7 +171,9 @@ def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
 
 def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
     """Return ``value`` converted to the type of ``default`` or raise a one-line UserError."""
-    if isinstance(value, str) and not isinstance(default, str):
+    if isinstance(value, str) and isinstance(default, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]  # --set key="text" is the same as --set key=text
+    elif isinstance(value, str) and not isinstance(default, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:

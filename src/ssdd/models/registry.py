@@ -54,7 +54,8 @@ def build(spec: dict[str, Any]) -> Encoder:
     arch = spec.pop("arch")
     if arch not in _REGISTRY:
         raise UserError(f"model: unknown architecture '{arch}' (available: {', '.join(names())})")
-    return _REGISTRY[arch](**spec)
+    # channels-last convolutions are 1.5-2.5x faster on CPU (oneDNN) and suit tensor cores on GPU.
+    return _REGISTRY[arch](**spec).to(memory_format=torch.channels_last)
 
 
 def model_spec(model_cfg: Any, in_channels: int, image_size: int, out_dim: int) -> dict[str, Any]:

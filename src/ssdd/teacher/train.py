@@ -36,14 +36,17 @@ class TeacherResult:
 
 def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, seed: int,
                        device: torch.device | str = "cpu", progress: bool = True) -> TeacherResult:
-    """SGD with momentum, linear warm-up then cosine decay; views from :func:`ssl_views`."""
+    """SGD with momentum (or AdamW), linear warm-up then cosine decay; views from :func:`ssl_views`."""
     torch.manual_seed(seed)
     c, h, _ = data.shape
     spec = model_spec(cfg.model, c, h, out_dim=0)
     encoder = build(spec).to(device)
     proj = projector(encoder.feature_dim, cfg.projector).to(device)
     params = list(encoder.parameters()) + list(proj.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = BatchSampler(data, cfg.batch, device, seed)
     steps_per_epoch = max(1, len(data) // sampler.batch)
     total = cfg.epochs * steps_per_epoch

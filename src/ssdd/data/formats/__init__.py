@@ -1,0 +1,99 @@
+"""Dataset readers: raw files in common formats -> ``ImageSet`` (uint8 N x C x H x W at a fixed
+size, int64 labels when known, class names). One module per format; this one checks the
+arguments and dispatches. Nothing here unpickles with the stock unpickler or runs file content."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssdd.artifacts import load_tensors
+from ssdd.data.bundled import load_bundled
+from ssdd.data.dataset import ImageSet
+from ssdd.data.formats.cifar import read_cifar
+from ssdd.data.formats.common import SPLITS, finish
+from ssdd.data.formats.imagefolder import read_imagefolder
+from ssdd.data.formats.imagenet64 import read_imagenet64
+from ssdd.data.formats.npz import read_npz
+from ssdd.errors import UserError
+
+FORMATS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet64", "npz", "bundled")
+
+__all__ = ["FORMATS", "read_source", "dataset_info"]
+
+
+def read_source(path: str, fmt: str, size: int, split: str = "train", max_per_class: int | None = None,
+                seed: int = 0) -> ImageSet:
+    """Read ``path`` in format ``fmt`` as an ImageSet of size x size images.
+
+    ``split`` is train, val or test (val and test both mean the held-out split a format has).
+    ``max_per_class`` keeps the first K images of each class in file (or sorted file-name) order,
+    so the result does not depend on ``seed``; ``seed`` is accepted so callers can pass it uniformly.
+    """
+    del seed  # every reader is deterministic
+    if fmt not in FORMATS:
+        raise UserError(f"format: unknown '{fmt}' (expected one of: {', '.join(FORMATS)})")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"size: must be a positive integer, got {size!r}")
+    if split not in SPLITS:
+        raise UserError(f"split: unknown '{split}' (expected one of: {', '.join(SPLITS)})")
+    if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
+                                      or max_per_class < 1):
+        raise UserError(f"max_per_class: must be a positive integer, got {max_per_class!r}")
+    if fmt == "bundled":
+        data = load_bundled(path, size)
+        labels = data.labels.numpy() if data.labels is not None else None
+        return finish(data.images, labels, data.class_names, data.name, size, max_per_class, path)
+    source = Path(os.path.expanduser(path))
+    if not source.exists():
+        raise UserError(f"{path}: no such file or folder (for format {fmt})")
+    if fmt in ("cifar10", "cifar100"):
+        return read_cifar(source, fmt, split, size, max_per_class)
+    if fmt == "imagefolder":
+        return read_imagefolder(source, split, size, max_per_class)
+    if fmt == "imagenet64":
+        return read_imagenet64(source, split, size, max_per_class)
+    return read_npz(source, split, size, max_per_class)
+
+
+def _floats(value: Any, channels: int) -> list[float] | None:
+    if isinstance(value, list) and len(value) == channels and all(isinstance(v, (int, float)) for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+def dataset_info(path: str) -> dict:
+    """Summary of a prepared .safetensors dataset file: count, shape [C,H,W], num_classes,
+    class_names, has_labels and per-channel mean/std (from its metadata, else computed)."""
+    tensors, meta = load_tensors(path, required=("images",))
+    if meta.get("kind") != "dataset":
+        raise UserError(f"{path}: not an ssdd dataset file (kind={meta.get('kind')!r})")
+    names = meta.get("class_names", [])
+    if not isinstance(names, list):
+        raise UserError(f"{path}: class_names metadata must be a list, got {json.dumps(names)[:60]}")
+    data = ImageSet(tensors["images"], tensors.get("labels"), [str(n) for n in names], str(meta.get("name", path)))
+    channels = data.shape[0]
+    mean, std = _floats(meta.get("mean"), channels), _floats(meta.get("std"), channels)
+    if mean is None or std is None:
+        mean, std = _mean_std(data)
+    return {"count": len(data), "shape": list(data.shape), "num_classes": data.num_classes,
+            "class_names": list(data.class_names), "has_labels": data.labels is not None,
+            "mean": mean, "std": std}
+
+
+def _mean_std(data: ImageSet) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std in [0,1] from running sums (no float copy of the whole set)."""
+    channels = data.shape[0]
+    total, square, count = np.zeros(channels), np.zeros(channels), 0
+    for i in range(0, len(data), 1024):
+        x = data.images[i:i + 1024].transpose(0, 1).reshape(channels, -1).double() / 255
+        total += x.sum(1).numpy()
+        square += (x * x).sum(1).numpy()
+        count += x.shape[1]
+    mean = total / count
+    var = np.maximum(square / count - mean ** 2, 0) * count / max(count - 1, 1)
+    return mean.tolist(), np.maximum(np.sqrt(var), 1e-3).tolist()

@@ -1,0 +1,54 @@
+"""KRR-ST outer loop: determinism, the artifact's space, and the random-subset pairing."""
+
+import torch
+
+from ssdd.config import DistillConfig
+from ssdd.data import ImageSet, Normalizer
+from ssdd.distill import distill_krr_st
+from ssdd.models import build
+from ssdd.teacher import FeatureExtractor
+
+SPEC = {"arch": "convnet", "in_channels": 1, "image_size": 16, "out_dim": 6, "widths": [4, 8], "pool": "gap"}
+
+
+def setup():
+    gen = torch.Generator().manual_seed(0)
+    source = ImageSet(torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8, generator=gen))
+    torch.manual_seed(123)
+    teacher = FeatureExtractor(build({**SPEC, "out_dim": 0, "widths": [6, 6]})).eval()
+    norm = Normalizer(*source.mean_std())
+    cfg = DistillConfig(m=8, steps=6, batch=16, lr_images=1e-2, lr_targets=1e-2, pool_size=3, pool_max_age=4)
+    return source, teacher, norm, cfg
+
+
+def run(seed, **changes):
+    source, teacher, norm, cfg = setup()
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return distill_krr_st(source, teacher, norm, {**SPEC, "out_dim": 6}, cfg, seed, progress=False), source, norm
+
+
+def test_same_seed_same_set_and_other_seed_differs():
+    a, _, _ = run(1)
+    b, _, _ = run(1)
+    c, _, _ = run(2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets) and a.losses == b.losses
+    assert not torch.equal(a.images, c.images)
+
+
+def test_set_moves_and_starts_from_real_images_with_teacher_targets():
+    result, source, norm = run(0)
+    torch.testing.assert_close(result.init_images, norm(source.images[result.init_index]))
+    assert not torch.equal(result.images, result.init_images) and not torch.equal(result.targets, result.init_targets)
+    assert len(result.losses) == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_reference_image_space_keeps_raw_pixels():
+    result, source, _ = run(0, image_space="reference")
+    torch.testing.assert_close(result.init_images, source.images[result.init_index].float() / 255)
+
+
+def test_reference_pool_reset_reinitialises_more():
+    fixed, _, _ = run(0, steps=12)
+    ref, _, _ = run(0, steps=12, pool_reset="reference")
+    assert ref.pool_reinits > fixed.pool_reinits
