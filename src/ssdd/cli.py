@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -38,8 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ssdd", description="Self-supervised dataset distillation (KRR-ST) for transfer learning.")
     parser.add_argument("--version", action="version", version=f"ssdd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    stage_parsers = {}
     for stage, text in STAGE_HELP.items():
-        _common(sub.add_parser(stage, help=text, description=text))
+        stage_parsers[stage] = p = sub.add_parser(stage, help=text, description=text)
+        _common(p)
+    prep = stage_parsers["prepare"]
+    prep.add_argument("source", nargs="?", help="standalone: a raw dataset path (or bundled name) to convert; "
+                      "--out is then the dataset file to write")
+    prep.add_argument("--format", help="standalone: cifar10, cifar100, imagefolder, imagenet64, npz, bundled")
+    prep.add_argument("--size", type=int, default=32, help="standalone: image size in pixels (default 32)")
+    prep.add_argument("--split", default="train", help="standalone: train, val or test (default train)")
+    prep.add_argument("--max-per-class", type=int, default=None, help="standalone: keep at most K images per class")
+    stage_parsers["distill"].add_argument("--teacher", help="a teacher trained elsewhere: ssdd encoder, state dict "
+                                          "(.safetensors / .pt, weights only) or TorchScript")
+    stage_parsers["pretrain"].add_argument("--distilled", help="standalone: pre-train on this distilled set")
+    ev = stage_parsers["evaluate"]
+    ev.add_argument("--encoder", nargs="+", help="standalone: encoder artifacts to evaluate, or 'none' (random init)")
+    ev.add_argument("--targets", nargs="+", help="standalone: target specs (prepared file, FORMAT:PATH, folder, bundled)")
+    ev.add_argument("--protocols", nargs="+", choices=("linear", "finetune"), help="protocols to run")
+    ev.add_argument("--seeds", type=int, help="number of seeds")
+    ev.add_argument("--label-fractions", nargs="+", type=float, help="label fractions for the linear probe")
+    info = sub.add_parser("info", help="print one JSON object describing a prepared dataset file")
+    info.add_argument("file")
     run = sub.add_parser("run", help="run the stages in order, skipping those already done for this config")
     _common(run)
     run.add_argument("--until", default=None, help="stop after this stage")
@@ -52,16 +73,42 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[ssdd] %(message)s", stream=sys.stderr)
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "info":
+            from ssdd.data.formats import dataset_info
+            print(json.dumps(dataset_info(args.file)))
+            return 0
+        from ssdd import pipeline
         from ssdd.config import load_config, parse_overrides
-        from ssdd.pipeline import run_pipeline
 
-        cfg = load_config(args.preset, parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        if getattr(args, "teacher", None):
+            overrides["teacher.path"] = args.teacher
+        if args.command == "evaluate":
+            for option, key in (("protocols", "evaluate.protocols"), ("seeds", "evaluate.seeds"),
+                                ("label_fractions", "evaluate.linear_fractions")):
+                if getattr(args, option) is not None:
+                    overrides[key] = json.dumps(getattr(args, option))
+        cfg = load_config(args.preset, overrides)
         start = time.perf_counter()
-        if args.command in ("run", "demo"):
-            run_pipeline(cfg, args.out, until=getattr(args, "until", None), device=args.device,
-                         progress=not args.no_progress)
+        progress = not args.no_progress
+        if args.command == "prepare" and args.source:
+            if not args.format:
+                raise UserError("prepare: --format is required with a SOURCE (cifar10, cifar100, imagefolder, "
+                                "imagenet64, npz, bundled)")
+            pipeline.prepare_file(args.source, args.format, args.size, args.out, args.split, args.max_per_class)
+        elif args.command == "pretrain" and args.distilled:
+            pipeline.pretrain_file(cfg, args.distilled, args.out, args.device, progress)
+        elif args.command == "evaluate" and args.encoder:
+            if not args.targets:
+                raise UserError("evaluate: --targets is required with --encoder")
+            pipeline.evaluate_files(cfg, args.encoder, args.targets, args.out, args.device, progress)
+        elif args.command in ("run", "demo"):
+            pipeline.run_pipeline(cfg, args.out, until=getattr(args, "until", None), device=args.device,
+                                  progress=progress)
+        elif args.command == "distill" and args.teacher:
+            pipeline.run_pipeline(cfg, args.out, until="distill", device=args.device, progress=progress)
         else:
-            run_pipeline(cfg, args.out, only=args.command, device=args.device, progress=not args.no_progress)
+            pipeline.run_pipeline(cfg, args.out, only=args.command, device=args.device, progress=progress)
         logging.getLogger("ssdd").info("all done in %.1f s; artifacts in %s", time.perf_counter() - start, args.out)
         return 0
     except UserError as err:

@@ -34,10 +34,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "mnist5k"  # bundled name, or a prepared dataset file
+    source: str = "mnist5k"  # spec: bundled name, prepared file, FORMAT:PATH (see ssdd.data.sources)
+    source_max_per_class: int = 0  # 0 = all images
     size: int = 32
     heldout: int = 500  # source images never used to train teacher or distillation
     targets: list[str] = field(default_factory=lambda: ["digits"])
+    target_max_per_class: int = 0  # cap on each target's labelled train images per class; 0 = all
 
 
 @dataclass

@@ -18,14 +18,15 @@ import torch
 
 from ssdd import artifacts, report
 from ssdd.config import Config, fingerprint, to_dict
-from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset, stratified_split
-from ssdd.data.bundled import BUNDLED, load_bundled
+from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
+from ssdd.data.formats import read_source
+from ssdd.data.sources import load_target, target_name
 from ssdd.distill import distill_krr_st, heldout_batches, heldout_losses, initial_set
 from ssdd.errors import UserError
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.models import build, encoder_from_artifact, model_spec
 from ssdd.pretrain import pretrain_encoder
-from ssdd.teacher import load_teacher, train_barlow_twins
+from ssdd.teacher import as_teacher, is_torchscript, load_teacher, load_teacher_module, train_barlow_twins
 
 log = logging.getLogger("ssdd")
 
@@ -80,17 +81,24 @@ class Run:
         return {
             "prepare": [self.data_dir / "source_train.safetensors", self.data_dir / "source_heldout.safetensors"]
             + [p for t in self.cfg.data.targets for p in self.target_paths(t)],
-            "teacher": [o / "teacher.safetensors"],
+            "teacher": [self.teacher_file()],
             "distill": [o / "distilled.safetensors", o / "random_subset.safetensors", o / "distill_log.json",
                         o / "distill_check.json"],
             "pretrain": [encoder_path(o, m, k) for m in METHODS[:3] for k in seeds]
-            + [encoder_path(o, "full_ssl", 0), o / "pretrain_log.json"],
+            + [o / "pretrain_log.json"] + ([encoder_path(o, "full_ssl", 0)] if self.teacher_is_encoder() else []),
             "evaluate": [o / "results.json", o / "results.csv"],
             "report": [o / "report.md"],
         }[stage]
 
+    def teacher_is_encoder(self) -> bool:
+        return not (self.cfg.teacher.path and is_torchscript(Path(self.cfg.teacher.path)))
+
+    def teacher_file(self) -> Path:
+        """``teacher.safetensors`` (an ssdd encoder), or ``teacher.torchscript.pt`` for a TorchScript teacher."""
+        return self.out / ("teacher.safetensors" if self.teacher_is_encoder() else "teacher.torchscript.pt")
+
     def target_paths(self, target: str) -> tuple[Path, Path]:
-        name = Path(target).stem if target not in BUNDLED else target
+        name = target_name(target)
         return self.data_dir / f"target_{name}_train.safetensors", self.data_dir / f"target_{name}_test.safetensors"
 
     def is_done(self, stage: str) -> bool:
@@ -122,7 +130,7 @@ class Run:
     # ---- stages -----------------------------------------------------------------------
     def stage_prepare(self) -> None:
         data = self.cfg.data
-        source = load_source(data.source, data.size)
+        source = load_source(data.source, data.size, "train", data.source_max_per_class or None)
         if data.heldout >= len(source):
             raise UserError(f"config: data.heldout={data.heldout} leaves no source images ({len(source)} in all)")
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(self.cfg.seed))
@@ -130,13 +138,10 @@ class Run:
         save_dataset(self.data_dir / "source_train.safetensors", unlabeled.subset(order[data.heldout:]))
         save_dataset(self.data_dir / "source_heldout.safetensors", unlabeled.subset(order[:data.heldout]))
         for target in data.targets:
-            full = load_bundled(target, data.size) if target in BUNDLED else load_source(target, data.size)
-            if full.labels is None:
-                raise UserError(f"target {target}: has no labels")
-            train_idx, test_idx = stratified_split(full.labels, self.cfg.evaluate.test_split, seed=0)
+            train, test = load_target(target, data.size, self.cfg.evaluate.test_split, data.target_max_per_class or None)
             train_path, test_path = self.target_paths(target)
-            save_dataset(train_path, full.subset(train_idx))
-            save_dataset(test_path, full.subset(test_idx))
+            save_dataset(train_path, train)
+            save_dataset(test_path, test)
 
     def _source(self, part: str) -> ImageSet:
         path = self.data_dir / f"source_{part}.safetensors"
@@ -151,9 +156,15 @@ class Run:
     def stage_teacher(self) -> None:
         data = self._source("train")
         norm = self._source_norm(data)
-        if self.cfg.teacher.path:
-            load_teacher(self.cfg.teacher.path, data.shape[0], data.shape[1], self.device)  # checks it fits
-            shutil.copyfile(self.cfg.teacher.path, self.out / "teacher.safetensors")
+        if self.cfg.teacher.path:  # bring your own: checked, then stored in our format where possible
+            spec = model_spec(self.cfg.teacher.model, data.shape[0], data.shape[1], out_dim=0)
+            module, module_spec = load_teacher_module(self.cfg.teacher.path, spec)
+            as_teacher(module, data.shape[0], data.shape[1], f"--teacher {self.cfg.teacher.path}")
+            if module_spec is not None:
+                artifacts.save_encoder(self.teacher_file(), module, module_spec,
+                                       {"method": "external", "path": str(self.cfg.teacher.path)})
+            else:
+                artifacts.write_bytes(self.teacher_file(), Path(self.cfg.teacher.path).read_bytes())
             return
         result = train_barlow_twins(data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress)
         artifacts.save_encoder(self.out / "teacher.safetensors", result.encoder, result.spec,
@@ -161,10 +172,13 @@ class Run:
                                 "loss_curve": result.losses})
 
     def _teacher(self, channels: int, size: int):
-        path = self.out / "teacher.safetensors"
+        path = self.teacher_file()
         if not path.is_file():
             raise UserError(f"{path}: not found; run `ssdd teacher` into this --out folder first")
-        return load_teacher(path, channels, size, self.device)
+        if self.teacher_is_encoder():
+            return load_teacher(path, channels, size, self.device)
+        teacher, dim = as_teacher(torch.jit.load(str(path), map_location=self.device), channels, size, str(path), self.device)
+        return teacher, dim, {}
 
     def stage_distill(self) -> None:
         cfg = self.cfg
@@ -176,7 +190,7 @@ class Run:
         result = distill_krr_st(source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress)
         if not (torch.isfinite(result.images).all() and torch.isfinite(result.targets).all()):
             raise RuntimeError("distillation diverged: the synthetic set holds NaN/inf; lower distill.lr_images")
-        meta = {"source": cfg.data.source, "teacher": str(self.out / "teacher.safetensors"), "seed": cfg.seed,
+        meta = {"source": cfg.data.source, "teacher": cfg.teacher.path or str(self.teacher_file()), "seed": cfg.seed,
                 "image_space": cfg.distill.image_space, "mean": norm.mean.flatten().tolist(),
                 "std": norm.std.flatten().tolist(), "model_spec": spec, "config": to_dict(cfg)}
         space_note = ("normalised: (pixel/255 - mean) / std" if cfg.distill.image_space == "normalized"
@@ -213,28 +227,21 @@ class Run:
             path = self.out / ("distilled.safetensors" if method == "krr_st" else "random_subset.safetensors")
             if not path.is_file():
                 raise UserError(f"{path}: not found; run `ssdd distill` into this --out folder first")
-            images, targets, meta = artifacts.load_distilled(path)
-            spec = meta["model_spec"]
-            for k in range(cfg.evaluate.seeds):
-                encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, cfg.seed + k, self.device,
-                                                  self.progress, desc=f"pretrain {method} s{k}")
-                logs[f"{method}/seed{k}"] = curve
-                artifacts.save_encoder(encoder_path(self.out, method, k), encoder, {**spec, "out_dim": targets.shape[1]},
-                                       {"method": method, "seed": cfg.seed + k, "distilled_set": str(path)})
+            logs.update(pretrain_seeds(cfg, path, self.out, self.device, self.progress))
+            spec = {**artifacts.load_distilled(path)[2]["model_spec"], "out_dim": 0}
         for k in range(cfg.evaluate.seeds):
             torch.manual_seed(cfg.seed + k)
-            encoder = build(spec)
-            artifacts.save_encoder(encoder_path(self.out, "no_pretrain", k), encoder, spec,
+            artifacts.save_encoder(encoder_path(self.out, "no_pretrain", k), build(spec), spec,
                                    {"method": "no_pretrain", "seed": cfg.seed + k})
-        shutil.copyfile(self.out / "teacher.safetensors", encoder_path(self.out, "full_ssl", 0))
+        if self.teacher_is_encoder():
+            shutil.copyfile(self.teacher_file(), encoder_path(self.out, "full_ssl", 0))
         artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": logs})
 
     def _targets(self) -> list[Target]:
         out = []
         for target in self.cfg.data.targets:
             train_path, test_path = self.target_paths(target)
-            name = Path(target).stem if target not in BUNDLED else target
-            out.append(Target(name, load_dataset(train_path), load_dataset(test_path)))
+            out.append(Target(target_name(target), load_dataset(train_path), load_dataset(test_path)))
         return out
 
     def stage_evaluate(self) -> None:
@@ -273,3 +280,67 @@ def run_pipeline(cfg: Config, out: str | Path, until: str | None = None, only: s
     Run(cfg, out, device, progress).run(until=until, only=only)
     return Path(out)
 
+
+
+# ---- stages on their own, from files ---------------------------------------------------
+
+def prepare_file(source: str, fmt: str, size: int, out: str | Path, split: str = "train",
+                 max_per_class: int | None = None) -> Path:
+    """``ssdd prepare SOURCE --format FMT``: one raw dataset split -> one canonical dataset file."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the dataset file to write (e.g. {out}/train.safetensors)")
+    if size <= 0:
+        raise UserError(f"--size must be positive, got {size}")
+    data = read_source(source, fmt, size, split, max_per_class)
+    save_dataset(out, data, {"source": str(source), "format": fmt, "split": split})
+    log.info("prepared %d images %s (%d classes) -> %s", len(data), list(data.shape), data.num_classes, out)
+    return out
+
+
+def pretrain_seeds(cfg: Config, distilled: str | Path, out: Path, device: torch.device,
+                   progress: bool = True) -> dict[str, list[float]]:
+    """One encoder per evaluation seed from one distilled set; returns the loss curves."""
+    images, targets, meta = artifacts.load_distilled(distilled)
+    spec = meta.get("model_spec") or model_spec(cfg.model, images.shape[1], images.shape[2], targets.shape[1])
+    method = str(meta.get("method", Path(distilled).stem))
+    logs = {}
+    for k in range(cfg.evaluate.seeds):
+        encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, cfg.seed + k, device, progress,
+                                          desc=f"pretrain {method} s{k}")
+        logs[f"{method}/seed{k}"] = curve
+        artifacts.save_encoder(encoder_path(out, method, k), encoder, {**spec, "out_dim": targets.shape[1]},
+                               {"method": method, "seed": cfg.seed + k, "distilled_set": str(distilled)})
+    return logs
+
+
+def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: str = "auto",
+                  progress: bool = True) -> Path:
+    """``ssdd pretrain --distilled FILE``: encoders for each seed from one distilled set."""
+    out = Path(out)
+    logs = pretrain_seeds(cfg, distilled, out, resolve_device(device), progress)
+    artifacts.write_json(out / "pretrain_log.json", {"epoch_loss": logs})
+    return out
+
+
+def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: str | Path, device: str = "auto",
+                   progress: bool = True) -> Path:
+    """``ssdd evaluate --encoder E... --targets T...``: the transfer suite on artifacts, then the report."""
+    out, dev = Path(out), str(resolve_device(device))
+    loaded = [(t, *load_target(t, cfg.data.size, cfg.evaluate.test_split, cfg.data.target_max_per_class or None))
+              for t in targets]
+    suite = [Target(target_name(spec), train, test) for spec, train, test in loaded]
+    rows = []
+    for path in encoders:
+        for k in range(cfg.evaluate.seeds):
+            if path == "none":
+                torch.manual_seed(cfg.seed + k)
+                c, h, _ = suite[0].train.shape
+                encoder, method = build(model_spec(cfg.model, c, h, 0)), "no_pretrain"
+            else:
+                encoder, meta = encoder_from_artifact(path, dev)
+                method = str(meta.get("method", Path(path).stem))
+            for target in suite:
+                rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
+    write_results(out, rows)
+    return report.write_report(out)

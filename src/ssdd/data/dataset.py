@@ -42,10 +42,18 @@ class ImageSet:
             return len(self.class_names)
         return int(self.labels.max()) + 1 if self.labels is not None else 0
 
-    def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the pixels scaled to [0, 1]."""
-        x = self.images.double().div_(255).transpose(0, 1).reshape(self.images.shape[1], -1)
-        return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
+    def mean_std(self, chunk: int = 1024) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the pixels scaled to [0, 1] (running sums: no float copy of the set)."""
+        channels = self.images.shape[1]
+        total, square, count = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0
+        for i in range(0, len(self.images), chunk):
+            x = self.images[i:i + chunk].transpose(0, 1).reshape(channels, -1).double() / 255
+            total += x.sum(1)
+            square += (x * x).sum(1)
+            count += x.shape[1]
+        mean = total / count
+        var = (square / count - mean ** 2).clamp_min(0) * count / max(count - 1, 1)
+        return mean.tolist(), var.sqrt().clamp_min(1e-3).tolist()
 
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)

@@ -1,23 +1,88 @@
-"""Resolve a source name or path into an ImageSet."""
+"""Resolve a source or target *spec* from a config into ImageSets.
+
+A spec is one of:
+- a bundled dataset name: ``digits``, ``mnist5k``;
+- a prepared dataset file (``.safetensors``, from ``ssdd prepare``);
+- ``FORMAT:PATH`` with a format of :data:`ssdd.data.formats.FORMATS`, e.g.
+  ``imagefolder:../shared/data/tiny-imagenet-200-subset`` or ``npz:data/cifar.npz``;
+- a plain path: a folder is read as ``imagefolder``, a ``.npz`` as ``npz``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ssdd.data.bundled import BUNDLED, load_bundled
-from ssdd.data.dataset import ImageSet, load_dataset
+from ssdd.data.dataset import ImageSet, load_dataset, stratified_split
+from ssdd.data.formats import FORMATS, read_source
+from ssdd.data.formats.common import first_per_class
 from ssdd.errors import UserError
 
 
-def load_source(source: str, size: int) -> ImageSet:
-    """A bundled dataset by name, or a prepared dataset file (checked to have ``size`` pixels)."""
-    if source in BUNDLED:
-        return load_bundled(source, size)
-    path = Path(source)
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(format, path) of a spec; format ``prepared`` for our own dataset files."""
+    if spec in BUNDLED:
+        return "bundled", spec
+    head, sep, tail = spec.partition(":")
+    if sep and head in FORMATS:
+        return head, tail
+    path = Path(spec)
+    if path.suffix == ".safetensors":
+        return "prepared", spec
+    if path.suffix == ".npz":
+        return "npz", spec
+    if path.is_dir():
+        return "imagefolder", spec
     if not path.exists():
-        raise UserError(f"{source}: no such file, and not a bundled dataset ({', '.join(BUNDLED)})")
-    data = load_dataset(path)
+        raise UserError(f"{spec}: no such file or folder, and not a bundled dataset ({', '.join(BUNDLED)})")
+    raise UserError(f"{spec}: cannot tell its format; write FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}")
+
+
+def _check_size(data: ImageSet, spec: str, size: int) -> ImageSet:
     if data.shape[1:] != (size, size):
-        raise UserError(f"{source}: images are {data.shape[1]}x{data.shape[2]}, expected {size}x{size} "
+        raise UserError(f"{spec}: images are {data.shape[1]}x{data.shape[2]}, expected {size}x{size} "
                         f"(prepare it with --size {size})")
     return data
+
+
+def load_source(spec: str, size: int, split: str = "train", max_per_class: int | None = None) -> ImageSet:
+    """One split of a spec, as images of ``size`` x ``size`` pixels."""
+    fmt, path = parse_spec(spec)
+    if fmt == "prepared":
+        if not Path(path).exists():
+            raise UserError(f"{path}: file not found")
+        return _check_size(load_dataset(path), spec, size)
+    if fmt == "bundled":
+        return load_bundled(path, size)
+    return read_source(path, fmt, size, split, max_per_class)
+
+
+def has_own_test_split(spec: str) -> bool:
+    fmt, _ = parse_spec(spec)
+    return fmt not in ("prepared", "bundled")
+
+
+def load_target(spec: str, size: int, test_fraction: float, max_per_class: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) of a labelled target: its own test/val split when the format has one,
+    otherwise a fixed stratified split (seed 0) holding out ``test_fraction``."""
+    if has_own_test_split(spec):
+        train = load_source(spec, size, "train", max_per_class)
+        test = load_source(spec, size, "test")
+    else:
+        full = load_source(spec, size)
+        if full.labels is None:
+            raise UserError(f"target {spec}: has no labels")
+        train_idx, test_idx = stratified_split(full.labels, test_fraction, seed=0)
+        train, test = full.subset(train_idx), full.subset(test_idx)
+        if max_per_class:
+            train = train.subset(first_per_class(train.labels.numpy(), max_per_class))
+    for part, data in (("train", train), ("test", test)):
+        if data.labels is None:
+            raise UserError(f"target {spec}: its {part} split has no labels")
+    return train, test
+
+
+def target_name(spec: str) -> str:
+    """A short name for tables and file names."""
+    fmt, path = parse_spec(spec)
+    return path if fmt == "bundled" else Path(path.rstrip("/")).stem

@@ -38,8 +38,10 @@ def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, c
                         f"'{method}' takes {in_channels} channels")
     norm = Normalizer(*target.train.mean_std(), device=device)
     rows = []
+    arch = getattr(encoder, "arch", type(encoder).__name__)
     row = lambda protocol, fraction, acc: {"method": method, "target": target.name, "protocol": protocol,  # noqa: E731
-                                           "label_fraction": float(fraction), "seed": seed, "accuracy": acc}
+                                           "label_fraction": float(fraction), "seed": seed, "accuracy": acc,
+                                           "arch": arch}
     if "linear" in cfg.protocols:
         train_x = frozen_features(encoder, target.train.images, norm, device)
         test_x = frozen_features(encoder, target.test.images, norm, device)

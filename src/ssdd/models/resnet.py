@@ -45,3 +45,43 @@ def resnet18(in_channels: int, image_size: int, out_dim: int, stem_padding: int 
 @register("resnet10")
 def resnet10(in_channels: int, image_size: int, out_dim: int, stem_padding: int = 1) -> Encoder:
     return _resnet([1, 1, 1, 1], in_channels, out_dim, stem_padding)
+
+
+_BLOCKS = {"resnet18": [2, 2, 2, 2], "resnet10": [1, 1, 1, 1]}
+
+
+def torchvision_key_map(arch: str) -> dict[str, str]:
+    """Our parameter-name prefixes for the torchvision / solo-learn ResNet layout
+    (``conv1``, ``bn1``, ``layerS.I.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}``)."""
+    mapping = {"conv1.": "backbone.0.", "bn1.": "backbone.1."}
+    index = 3
+    for stage, count in enumerate(_BLOCKS[arch], start=1):
+        for i in range(count):
+            ours = f"backbone.{index}."
+            mapping[f"layer{stage}.{i}.downsample."] = ours + "shortcut."
+            for part in ("conv1.", "bn1.", "conv2.", "bn2."):
+                mapping[f"layer{stage}.{i}.{part}"] = ours + part
+            index += 1
+    return mapping
+
+
+def from_torchvision_keys(state: dict, arch: str) -> dict:
+    """Rename a torchvision-layout ResNet state dict to ours; drops ``fc.*`` (the SSL libraries
+    replace it by Identity) and strips wrapper prefixes such as ``module.`` or ``backbone.``."""
+    mapping = torchvision_key_map(arch)
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:  # "module.backbone.conv1.weight" -> "conv1.weight"; ours ("backbone.3.") stay
+            stripped = False
+            for prefix in ("module.", "backbone.", "encoder.", "model."):
+                if key.startswith(prefix) and not key[len(prefix):][:1].isdigit():
+                    key, stripped = key[len(prefix):], True
+        if key.startswith("fc.") or key.startswith("projector.") or key.startswith("classifier."):
+            continue
+        for theirs, ours in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+            if key.startswith(theirs):
+                key = ours + key[len(theirs):]
+                break
+        out[key] = value
+    return out

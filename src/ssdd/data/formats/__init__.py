@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ssdd.artifacts import load_tensors
 from ssdd.data.bundled import load_bundled
@@ -79,21 +78,8 @@ def dataset_info(path: str) -> dict:
     channels = data.shape[0]
     mean, std = _floats(meta.get("mean"), channels), _floats(meta.get("std"), channels)
     if mean is None or std is None:
-        mean, std = _mean_std(data)
+        mean, std = data.mean_std()
     return {"count": len(data), "shape": list(data.shape), "num_classes": data.num_classes,
             "class_names": list(data.class_names), "has_labels": data.labels is not None,
             "mean": mean, "std": std}
 
-
-def _mean_std(data: ImageSet) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std in [0,1] from running sums (no float copy of the whole set)."""
-    channels = data.shape[0]
-    total, square, count = np.zeros(channels), np.zeros(channels), 0
-    for i in range(0, len(data), 1024):
-        x = data.images[i:i + 1024].transpose(0, 1).reshape(channels, -1).double() / 255
-        total += x.sum(1).numpy()
-        square += (x * x).sum(1).numpy()
-        count += x.shape[1]
-    mean = total / count
-    var = np.maximum(square / count - mean ** 2, 0) * count / max(count - 1, 1)
-    return mean.tolist(), np.maximum(np.sqrt(var), 1e-3).tolist()
