@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ssdd.data.bundled import BUNDLED, load_bundled
 from ssdd.data.dataset import ImageSet, load_dataset, stratified_split
 from ssdd.data.formats import FORMATS, read_source
@@ -58,8 +60,20 @@ def load_source(spec: str, size: int, split: str = "train", max_per_class: int |
 
 
 def has_own_test_split(spec: str) -> bool:
-    fmt, _ = parse_spec(spec)
-    return fmt not in ("prepared", "bundled")
+    """Whether the spec carries its own test (or val) split; otherwise one is held out."""
+    fmt, path = parse_spec(spec)
+    if fmt in ("prepared", "bundled"):
+        return False
+    if fmt == "npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return any(k in archive.files for k in ("x_test", "x_val"))
+        except (OSError, ValueError):
+            return False  # the reader reports the problem with the file
+    if fmt == "imagefolder":
+        root = Path(path)
+        return any((root / d).is_dir() for d in ("val", "test"))
+    return True
 
 
 def load_target(spec: str, size: int, test_fraction: float, max_per_class: int | None = None) -> tuple[ImageSet, ImageSet]:

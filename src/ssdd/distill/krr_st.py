@@ -87,6 +87,10 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
             t_real = teacher(x_real)
         idx = pool.pick()
         loss = outer_loss(pool.models[idx], x_s, y_s, x_real, t_real, cfg.ridge)
+        if not torch.isfinite(loss):
+            raise UserError(f"distill: non-finite KRR-ST loss at step {len(losses)} (teacher targets: max |t| = "
+                            f"{t_real.abs().max().item():.3g}; synthetic images finite: {bool(torch.isfinite(x_s).all())}); "
+                            "lower distill.lr_images / distill.pool_lr or check the teacher")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -68,5 +68,27 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
-    encoder.eval()
-    return TeacherResult(encoder, spec, losses)
+    recalibrate_batchnorm(encoder, data, norm, cfg.batch, device)
+    return TeacherResult(encoder.eval(), spec, losses)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: ImageSet, norm: Normalizer, batch: int,
+                          device: torch.device | str, max_images: int = 20_000) -> None:
+    """Recompute BatchNorm running statistics as exact averages over clean images.
+
+    Training updates them from augmented views with momentum; the teacher is used in eval mode on
+    (lightly augmented) real images, and a short run's running statistics can be far off.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    model.train()
+    for i in range(0, min(len(data), max_images), batch):
+        model(norm(data.images[i:i + batch].to(device)))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
