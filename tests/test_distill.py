@@ -1,5 +1,8 @@
 """KRR-ST outer loop: determinism, the artifact's space, and the random-subset pairing."""
 
+import copy
+
+import pytest
 import torch
 
 from ssdd.config import DistillConfig
@@ -52,3 +55,28 @@ def test_reference_pool_reset_reinitialises_more():
     fixed, _, _ = run(0, steps=12)
     ref, _, _ = run(0, steps=12, pool_reset="reference")
     assert ref.pool_reinits > fixed.pool_reinits
+
+
+def test_resume_from_any_checkpoint_is_bit_identical():
+    source, teacher, norm, cfg = setup()
+    cfg.steps = 7
+    spec = {**SPEC, "out_dim": 6}
+    saved = []
+    full = distill_krr_st(source, teacher, norm, spec, cfg, 3, progress=False,
+                          checkpoint=lambda st: saved.append(copy.deepcopy(st)), checkpoint_due=lambda step: True)
+    assert [st["step"] for st in saved] == list(range(1, 8))
+    for state in (saved[0], saved[3]):
+        resumed = distill_krr_st(source, teacher, norm, spec, cfg, 3, progress=False, resume=state)
+        assert torch.equal(resumed.images, full.images) and torch.equal(resumed.targets, full.targets)
+        assert resumed.losses == full.losses
+
+
+def test_stop_request_checkpoints_then_stops():
+    from ssdd.errors import Stopped
+
+    source, teacher, norm, cfg = setup()
+    saved = []
+    with pytest.raises(Stopped) as err:
+        distill_krr_st(source, teacher, norm, {**SPEC, "out_dim": 6}, cfg, 0, progress=False,
+                       checkpoint=saved.append, should_stop=lambda: True)
+    assert err.value.step == 1 and [st["step"] for st in saved] == [1]

@@ -7,6 +7,8 @@ half-written artifact and loading never executes code.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -76,7 +78,17 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     meta = {"ssdd_version": ssdd.__version__, **meta}
     str_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_bytes(path, st_save_bytes(tensors, metadata=str_meta))
+    write_bytes(path, _canonical_header(st_save_bytes(tensors, metadata=str_meta)))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """Rewrite the safetensors JSON header with sorted keys: the library orders metadata by hash,
+    so without this the same content gives different bytes from run to run. Offsets in the header
+    are relative to the data block, so only the header changes (padded with spaces, as the format allows)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -133,3 +145,57 @@ def load_encoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if meta.get("kind") != "encoder" or "model_spec" not in meta:
         raise UserError(f"{path}: not an ssdd encoder artifact (no model_spec in its metadata)")
     return state, meta
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+# A checkpoint is `<name>.ckpt-<step>.pt` (torch.save of tensors, numbers, lists and dicts only,
+# read back with weights_only=True) plus `<name>.ckpt-<step>.json` written after it, holding its
+# SHA-256, the step and the config fingerprint. The last two are kept.
+
+def _checkpoint_records(folder: Path, name: str) -> list[tuple[int, Path]]:
+    records = []
+    for meta_path in folder.glob(f"{name}.ckpt-*.json"):
+        try:
+            records.append((int(meta_path.stem.rsplit("-", 1)[1]), meta_path))
+        except ValueError:
+            continue
+    return sorted(records, reverse=True)
+
+
+def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any], fingerprint: str, keep: int = 2) -> Path:
+    folder = Path(folder)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    step = int(state["step"])
+    path = folder / f"{name}.ckpt-{step:09d}.pt"
+    write_bytes(path, data)
+    write_json(path.with_suffix(".json"), {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "step": step,
+                                           "fingerprint": fingerprint, "ssdd_version": ssdd.__version__})
+    for _, old in _checkpoint_records(folder, name)[keep:]:
+        old.with_suffix(".pt").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str) -> dict[str, Any] | None:
+    """The newest intact checkpoint of this config, or None; a checkpoint of another config is an error."""
+    for step, meta_path in _checkpoint_records(Path(folder), name):
+        try:
+            meta = json.loads(meta_path.read_text())
+            data = meta_path.with_suffix(".pt").read_bytes()
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("fingerprint") != fingerprint:
+            raise UserError(f"{meta_path}: a {name} checkpoint of a different config is in this --out folder; "
+                            "use another --out, or delete its *.ckpt-* files to start over")
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            continue  # damaged: fall back to the previous one
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return None
+
+
+def clear_checkpoints(folder: str | os.PathLike, name: str) -> None:
+    for _, meta_path in _checkpoint_records(Path(folder), name):
+        meta_path.with_suffix(".pt").unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ import sys
 import time
 
 from ssdd import __version__
-from ssdd.errors import UserError
+from ssdd.errors import Stopped, UserError
 
 STAGE_HELP = {
     "prepare": "prepare the source and target dataset files",
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"ssdd: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as err:
+        print(f"ssdd: {err}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("ssdd: interrupted", file=sys.stderr)
         return 130

@@ -77,6 +77,8 @@ class DistillConfig:
     crop_pad: int = 4
     check_batches: int = 4  # held-out real batches for distill_check.json
     check_models: int = 4
+    checkpoint_every: int = 1000  # steps between checkpoints (0 = only by time and on stop)
+    checkpoint_minutes: float = 10.0  # ... and at least this often
 
 
 @dataclass

@@ -22,7 +22,8 @@ from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_data
 from ssdd.data.formats import read_source
 from ssdd.data.sources import load_target, target_name
 from ssdd.distill import distill_krr_st, heldout_batches, heldout_losses, initial_set
-from ssdd.errors import UserError
+from ssdd.errors import Stopped, UserError
+from ssdd.interrupt import StopRequest
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.models import build, encoder_from_artifact, model_spec
 from ssdd.pretrain import pretrain_encoder
@@ -118,6 +119,8 @@ class Run:
         if until is not None and until not in STAGES:
             raise UserError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
         stages = [only] if only else STAGES[:STAGES.index(until) + 1] if until else STAGES
+        for stale in self.out.rglob(".*.tmp") if self.out.is_dir() else []:
+            stale.unlink(missing_ok=True)  # a temp file left by a killed write is never an artifact
         for stage in stages:
             if self.is_done(stage):
                 log.info("%-8s skipped: artifacts exist for this config", stage)
@@ -187,10 +190,29 @@ class Run:
         c, h, _ = source.shape
         teacher, dim, _ = self._teacher(c, h)
         spec = model_spec(cfg.model, c, h, out_dim=dim)
-        result = distill_krr_st(source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress)
+        fp = self._section_fingerprint("distill")
+        resume = artifacts.load_checkpoint(self.out, "distill", fp)
+        if resume is not None:
+            log.info("distill  resuming from the checkpoint at step %d", resume["step"])
+        clock = {"last": time.monotonic()}
+
+        def due(step: int) -> bool:
+            every, minutes = cfg.distill.checkpoint_every, cfg.distill.checkpoint_minutes
+            if (every and step % every == 0) or time.monotonic() - clock["last"] > 60 * minutes:
+                clock["last"] = time.monotonic()
+                return True
+            return False
+
+        with StopRequest() as stop:
+            try:
+                result = distill_krr_st(source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress,
+                                        resume=resume, checkpoint=lambda st: artifacts.save_checkpoint(self.out, "distill", st, fp),
+                                        checkpoint_due=due, should_stop=stop)
+            except Stopped as err:
+                raise Stopped("distill", err.step, str(self.out)) from None
         if not (torch.isfinite(result.images).all() and torch.isfinite(result.targets).all()):
             raise RuntimeError("distillation diverged: the synthetic set holds NaN/inf; lower distill.lr_images")
-        meta = {"source": cfg.data.source, "teacher": cfg.teacher.path or str(self.teacher_file()), "seed": cfg.seed,
+        meta = {"source": cfg.data.source, "teacher": cfg.teacher.path or self.teacher_file().name, "seed": cfg.seed,
                 "image_space": cfg.distill.image_space, "mean": norm.mean.flatten().tolist(),
                 "std": norm.std.flatten().tolist(), "model_spec": spec, "config": to_dict(cfg)}
         space_note = ("normalised: (pixel/255 - mean) / std" if cfg.distill.image_space == "normalized"
@@ -210,6 +232,7 @@ class Run:
                                  "init": (result.init_images, result.init_targets),
                                  "other": (other_images, other_targets)},
                                 batches, spec, cfg.distill, cfg.seed, self.device)
+        artifacts.clear_checkpoints(self.out, "distill")
         artifacts.write_json(self.out / "distill_check.json", {
             "heldout_loss_init": losses["init"],
             "heldout_loss_distilled": losses["distilled"],

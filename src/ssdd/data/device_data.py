@@ -44,6 +44,13 @@ class BatchSampler:
         self._pos += self.batch
         return idx.to(self.images.device)
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order, self._pos = state["order"].clone(), int(state["pos"])
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = self.next_index()
         return self.images[idx], (self.labels[idx] if self.labels is not None else None)

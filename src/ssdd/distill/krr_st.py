@@ -15,8 +15,8 @@ from ssdd.config import DistillConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
 from ssdd.distill.krr import krr_st_loss
-from ssdd.errors import UserError
 from ssdd.distill.pool import ModelPool
+from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,16 @@ def initial_set(source: ImageSet, teacher: nn.Module, norm: Normalizer, m: int, 
 
 
 def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec: dict, cfg: DistillConfig,
-                   seed: int, device: torch.device | str = "cpu", progress: bool = True) -> DistillResult:
-    """Run KRR-ST (DESIGN.md, "KRR-ST, exactly") and return the distilled set."""
+                   seed: int, device: torch.device | str = "cpu", progress: bool = True,
+                   resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+                   checkpoint_due: Callable[[int], bool] = lambda step: False,
+                   should_stop: Callable[[], bool] = lambda: False) -> DistillResult:
+    """Run KRR-ST (DESIGN.md, "KRR-ST, exactly") and return the distilled set.
+
+    ``checkpoint(state)`` is called after a step when ``checkpoint_due(step)`` says so and when
+    ``should_stop()`` turns true (then :class:`ssdd.errors.Stopped` is raised); passing that state
+    back as ``resume`` continues bit-identically (on the same device).
+    """
     torch.manual_seed(seed)
     teacher.eval()
     index, x0, y0 = initial_set(source, teacher, norm, cfg.m, seed, cfg.image_space, device)
@@ -75,12 +83,32 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     pool = ModelPool(spec, cfg.pool_size, cfg.pool_max_age, cfg.pool_reset, cfg.pool_lr, cfg.pool_momentum,
                      cfg.pool_weight_decay, device, seed)
-    pool.populate(x_s, y_s)
     sampler = BatchSampler(source, cfg.batch, device, seed + 1)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 2)
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+    losses: list[float] = []
+    if resume is None:
+        pool.populate(x_s, y_s)
+    else:
+        with torch.no_grad():
+            x_s.copy_(resume["x_s"])
+            y_s.copy_(resume["y_s"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        pool.load_state_dict(resume["pool"])
+        sampler.load_state_dict(resume["sampler"])
+        aug_gen.set_state(resume["aug_gen"])
+        torch.set_rng_state(resume["torch_rng"])
+        losses = list(resume["losses"])
+
+    def state() -> dict:
+        return {"step": len(losses), "x_s": x_s.detach().clone(), "y_s": y_s.detach().clone(),
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "pool": pool.state_dict(),
+                "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "losses": list(losses)}
+
+    bar = tqdm(range(len(losses), cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True,
+               initial=len(losses), total=cfg.steps)
+    for step in bar:
         real, _ = sampler.next()
         x_real = norm(crop_flip(real, cfg.crop_pad, cfg.flip, aug_gen))
         with torch.no_grad():
@@ -88,9 +116,9 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
         idx = pool.pick()
         loss = outer_loss(pool.models[idx], x_s, y_s, x_real, t_real, cfg.ridge)
         if not torch.isfinite(loss):
-            raise UserError(f"distill: non-finite KRR-ST loss at step {len(losses)} (teacher targets: max |t| = "
+            raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
                             f"{t_real.abs().max().item():.3g}; synthetic images finite: {bool(torch.isfinite(x_s).all())}); "
-                            "lower distill.lr_images / distill.pool_lr or check the teacher")
+                            "lower distill.lr_images / distill.pool_lr or check the teacher (last checkpoint kept)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,4 +126,9 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
         pool.train_step(idx, x_s, y_s)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        stop = should_stop()
+        if checkpoint and (stop or checkpoint_due(step + 1)):
+            checkpoint(state())
+        if stop and step + 1 < cfg.steps:
+            raise Stopped("distill", step + 1)
     return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, losses, pool.reinits)

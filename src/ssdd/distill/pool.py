@@ -50,6 +50,22 @@ class ModelPool:
             for _ in range(self.rng.randrange(1, max(2, self.max_age))):
                 self._sgd_step(idx, x_s, y_s)
 
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: weights, optimizer moments, ages, the pick RNG."""
+        return {"models": [m.state_dict() for m in self.models], "optimizers": [o.state_dict() for o in self.optimizers],
+                "ages": list(self.ages), "reinits": self.reinits, "rng": list(self.rng.getstate()[1]),
+                "rng_version": self.rng.getstate()[0], "rng_gauss": self.rng.getstate()[2]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.models, self.optimizers, self.ages = [], [], []
+        for model_state, opt_state, age in zip(state["models"], state["optimizers"], state["ages"]):
+            idx = self.add(build(self.spec))
+            self.models[idx].load_state_dict(model_state)
+            self.optimizers[idx].load_state_dict(opt_state)
+            self.ages[idx] = int(age)
+        self.reinits = int(state["reinits"])
+        self.rng.setstate((state["rng_version"], tuple(state["rng"]), state["rng_gauss"]))
+
     def pick(self) -> int:
         return self.rng.randrange(self.size)
 
