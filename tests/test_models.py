@@ -19,3 +19,12 @@ def test_every_model(arch, channels, size):
     clone = build({"arch": arch, "in_channels": channels, "image_size": size, "out_dim": 3})
     clone.load_state_dict(model.state_dict())
     torch.testing.assert_close(clone.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("arch", names())
+def test_every_model_at_64px(arch):
+    model = build({"arch": arch, "in_channels": 3, "image_size": 64, "out_dim": 5}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model.features(x).shape == (2, model.feature_dim)
+        assert model(x).shape == (2, 5)

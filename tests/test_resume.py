@@ -14,7 +14,7 @@ from ssdd.cli import main
 
 SETTINGS = ["--preset", "demo", "--no-progress", "--set", "teacher.epochs=1", "--set", "data.heldout=300",
             "--set", "distill.m=20", "--set", "distill.steps=36", "--set", "distill.batch=64",
-            "--set", "distill.pool_max_age=6", "--set", "distill.checkpoint_every=1", "--set", "distill.check_models=1",
+            "--set", "distill.pool_max_age=6", "--set", "checkpoint_every=1", "--set", "distill.check_models=1",
             "--set", "distill.check_batches=1"]
 
 

@@ -77,12 +77,11 @@ class DistillConfig:
     crop_pad: int = 4
     check_batches: int = 4  # held-out real batches for distill_check.json
     check_models: int = 4
-    checkpoint_every: int = 1000  # steps between checkpoints (0 = only by time and on stop)
-    checkpoint_minutes: float = 10.0  # ... and at least this often
 
 
 @dataclass
 class PretrainConfig:
+    archs: list[str] = field(default_factory=list)  # architecture transfer: also pre-train (and fine-tune) these
     epochs: int = 1000
     batch: int = 256
     lr: float = 0.1
@@ -110,6 +109,8 @@ class EvaluateConfig:
 @dataclass
 class Config:
     seed: int = 0
+    checkpoint_every: int = 1000  # steps between checkpoints of long stages (0 = by time and on stop only)
+    checkpoint_minutes: float = 10.0  # ... and at least this often; neither changes results
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # pool models and students
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -8,6 +8,7 @@ fingerprint of the config sections it and its upstream stages depend on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ssdd import artifacts, report
-from ssdd.config import Config, fingerprint, to_dict
+from ssdd.config import Config, EvaluateConfig, fingerprint, to_dict
 from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
 from ssdd.data.formats import read_source
 from ssdd.data.sources import load_target, target_name
@@ -26,6 +27,7 @@ from ssdd.errors import Stopped, UserError
 from ssdd.interrupt import StopRequest
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.models import build, encoder_from_artifact, model_spec
+from ssdd.models import names as model_names
 from ssdd.pretrain import pretrain_encoder
 from ssdd.teacher import as_teacher, is_torchscript, load_teacher, load_teacher_module, train_barlow_twins
 
@@ -52,9 +54,37 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def encoder_path(out: Path, method: str, k: int) -> Path:
-    """``encoders/<method>.safetensors`` for the first seed, ``<method>.seed<k>.safetensors`` after."""
-    return out / "encoders" / (f"{method}.safetensors" if k == 0 else f"{method}.seed{k}.safetensors")
+def encoder_path(out: Path, method: str, k: int, arch: str | None = None) -> Path:
+    """``encoders/<method>.safetensors`` for the first seed, ``<method>.seed<k>.safetensors`` after;
+    ``<method>@<arch>...`` for the extra architectures of architecture transfer."""
+    name = method + (f"@{arch}" if arch else "") + (f".seed{k}" if k else "")
+    return out / "encoders" / f"{name}.safetensors"
+
+
+class Checkpointer:
+    """Periodic checkpoints of one stage in its output folder (every N steps and every M minutes)."""
+
+    def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float):
+        self.out, self.stage, self.fingerprint, self.every, self.minutes = out, stage, fingerprint, every, minutes
+        self.last = time.monotonic()
+
+    def load(self) -> dict | None:
+        state = artifacts.load_checkpoint(self.out, self.stage, self.fingerprint)
+        if state is not None:
+            log.info("%-8s resuming from the checkpoint at step %d", self.stage, state["step"])
+        return state
+
+    def due(self, step: int) -> bool:
+        if (self.every and step % self.every == 0) or time.monotonic() - self.last > 60 * self.minutes:
+            self.last = time.monotonic()
+            return True
+        return False
+
+    def save(self, state: dict) -> None:
+        artifacts.save_checkpoint(self.out, self.stage, state, self.fingerprint)
+
+    def clear(self) -> None:
+        artifacts.clear_checkpoints(self.out, self.stage)
 
 
 class Run:
@@ -65,6 +95,9 @@ class Run:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
         self.data_dir = self.out / "data"
+        unknown = [a for a in cfg.pretrain.archs if a not in model_names()]
+        if unknown:
+            raise UserError(f"config: pretrain.archs: unknown architecture(s) {unknown} (available: {', '.join(model_names())})")
 
     # ---- bookkeeping ------------------------------------------------------------------
     def _section_fingerprint(self, stage: str) -> str:
@@ -85,11 +118,19 @@ class Run:
             "teacher": [self.teacher_file()],
             "distill": [o / "distilled.safetensors", o / "random_subset.safetensors", o / "distill_log.json",
                         o / "distill_check.json"],
-            "pretrain": [encoder_path(o, m, k) for m in METHODS[:3] for k in seeds]
+            "pretrain": [encoder_path(o, m, k, a) for m in METHODS[:3] for k in seeds for a in self.archs()]
             + [o / "pretrain_log.json"] + ([encoder_path(o, "full_ssl", 0)] if self.teacher_is_encoder() else []),
             "evaluate": [o / "results.json", o / "results.csv"],
             "report": [o / "report.md"],
         }[stage]
+
+    def archs(self) -> list[str | None]:
+        """None (the configured student, ``model.arch``) and the extra architectures to transfer to."""
+        return [None, *self.cfg.pretrain.archs]
+
+    def checkpointer(self, stage: str) -> "Checkpointer":
+        return Checkpointer(self.out, stage, self._section_fingerprint(stage), self.cfg.checkpoint_every,
+                            self.cfg.checkpoint_minutes)
 
     def teacher_is_encoder(self) -> bool:
         return not (self.cfg.teacher.path and is_torchscript(Path(self.cfg.teacher.path)))
@@ -169,10 +210,18 @@ class Run:
             else:
                 artifacts.write_bytes(self.teacher_file(), Path(self.cfg.teacher.path).read_bytes())
             return
-        result = train_barlow_twins(data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress)
+        ckpt = self.checkpointer("teacher")
+        with StopRequest() as stop:
+            try:
+                result = train_barlow_twins(data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress,
+                                            resume=ckpt.load(), checkpoint=ckpt.save, checkpoint_due=ckpt.due,
+                                            should_stop=stop)
+            except Stopped as err:
+                raise Stopped("teacher", err.step, str(self.out)) from None
         artifacts.save_encoder(self.out / "teacher.safetensors", result.encoder, result.spec,
                                {"method": "barlow_twins", "source": self.cfg.data.source, "seed": self.cfg.seed,
                                 "loss_curve": result.losses})
+        ckpt.clear()
 
     def _teacher(self, channels: int, size: int):
         path = self.teacher_file()
@@ -190,24 +239,12 @@ class Run:
         c, h, _ = source.shape
         teacher, dim, _ = self._teacher(c, h)
         spec = model_spec(cfg.model, c, h, out_dim=dim)
-        fp = self._section_fingerprint("distill")
-        resume = artifacts.load_checkpoint(self.out, "distill", fp)
-        if resume is not None:
-            log.info("distill  resuming from the checkpoint at step %d", resume["step"])
-        clock = {"last": time.monotonic()}
-
-        def due(step: int) -> bool:
-            every, minutes = cfg.distill.checkpoint_every, cfg.distill.checkpoint_minutes
-            if (every and step % every == 0) or time.monotonic() - clock["last"] > 60 * minutes:
-                clock["last"] = time.monotonic()
-                return True
-            return False
-
+        ckpt = self.checkpointer("distill")
         with StopRequest() as stop:
             try:
                 result = distill_krr_st(source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress,
-                                        resume=resume, checkpoint=lambda st: artifacts.save_checkpoint(self.out, "distill", st, fp),
-                                        checkpoint_due=due, should_stop=stop)
+                                        resume=ckpt.load(), checkpoint=ckpt.save, checkpoint_due=ckpt.due,
+                                        should_stop=stop)
             except Stopped as err:
                 raise Stopped("distill", err.step, str(self.out)) from None
         if not (torch.isfinite(result.images).all() and torch.isfinite(result.targets).all()):
@@ -232,7 +269,7 @@ class Run:
                                  "init": (result.init_images, result.init_targets),
                                  "other": (other_images, other_targets)},
                                 batches, spec, cfg.distill, cfg.seed, self.device)
-        artifacts.clear_checkpoints(self.out, "distill")
+        ckpt.clear()
         artifacts.write_json(self.out / "distill_check.json", {
             "heldout_loss_init": losses["init"],
             "heldout_loss_distilled": losses["distilled"],
@@ -250,12 +287,15 @@ class Run:
             path = self.out / ("distilled.safetensors" if method == "krr_st" else "random_subset.safetensors")
             if not path.is_file():
                 raise UserError(f"{path}: not found; run `ssdd distill` into this --out folder first")
-            logs.update(pretrain_seeds(cfg, path, self.out, self.device, self.progress))
-            spec = {**artifacts.load_distilled(path)[2]["model_spec"], "out_dim": 0}
-        for k in range(cfg.evaluate.seeds):
-            torch.manual_seed(cfg.seed + k)
-            artifacts.save_encoder(encoder_path(self.out, "no_pretrain", k), build(spec), spec,
-                                   {"method": "no_pretrain", "seed": cfg.seed + k})
+            for arch in self.archs():
+                logs.update(pretrain_seeds(cfg, path, self.out, self.device, self.progress, arch))
+        images, _, meta = artifacts.load_distilled(path)
+        for arch in self.archs():
+            spec = {**(meta["model_spec"] if arch is None else arch_spec(arch, images)), "out_dim": 0}
+            for k in range(cfg.evaluate.seeds):
+                torch.manual_seed(cfg.seed + k)
+                artifacts.save_encoder(encoder_path(self.out, "no_pretrain", k, arch), build(spec), spec,
+                                       {"method": "no_pretrain", "seed": cfg.seed + k})
         if self.teacher_is_encoder():
             shutil.copyfile(self.teacher_file(), encoder_path(self.out, "full_ssl", 0))
         artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": logs})
@@ -268,7 +308,12 @@ class Run:
         return out
 
     def stage_evaluate(self) -> None:
-        rows = evaluate_all(self.out, METHODS, self.cfg, self._targets(), str(self.device), self.progress)
+        targets = self._targets()
+        rows = evaluate_all(self.out, METHODS, self.cfg, targets, str(self.device), self.progress)
+        finetune_only = dataclasses.replace(self.cfg.evaluate, protocols=["finetune"])  # as the paper's transfer table
+        for arch in self.cfg.pretrain.archs:
+            rows += evaluate_all(self.out, METHODS[:3], self.cfg, targets, str(self.device), self.progress, arch,
+                                 finetune_only)
         write_results(self.out, rows)
 
     def stage_report(self) -> None:
@@ -276,16 +321,19 @@ class Run:
 
 
 def evaluate_all(out: Path, methods: tuple[str, ...], cfg: Config, targets: list[Target], device: str,
-                 progress: bool) -> list[dict]:
+                 progress: bool, arch: str | None = None, eval_cfg: EvaluateConfig | None = None) -> list[dict]:
     """Each method's encoder for each seed (full_ssl: one encoder, seeds vary the evaluation only)."""
     rows = []
     for k in range(cfg.evaluate.seeds):
         for method in methods:
-            path = encoder_path(out, method, k)
-            path = path if path.exists() else encoder_path(out, method, 0)
+            path = encoder_path(out, method, k, arch)
+            path = path if path.exists() else encoder_path(out, method, 0, arch)
             encoder, _ = encoder_from_artifact(path, device)
             for target in targets:
-                rows += evaluate_encoder(method, cfg.seed + k, encoder, target, cfg.evaluate, device, progress)
+                for row in evaluate_encoder(method, cfg.seed + k, encoder, target, eval_cfg or cfg.evaluate, device,
+                                            progress):
+                    # the table compares methods within a group; full_ssl's own arch is the teacher's
+                    rows.append({**row, "group": arch or cfg.model.arch})
     return rows
 
 
@@ -321,18 +369,27 @@ def prepare_file(source: str, fmt: str, size: int, out: str | Path, split: str =
     return out
 
 
+def arch_spec(arch: str, images: torch.Tensor) -> dict:
+    """The build spec of a registered architecture (default options) for images like ``images``."""
+    return {"arch": arch, "in_channels": images.shape[1], "image_size": images.shape[2], "out_dim": 0}
+
+
 def pretrain_seeds(cfg: Config, distilled: str | Path, out: Path, device: torch.device,
-                   progress: bool = True) -> dict[str, list[float]]:
-    """One encoder per evaluation seed from one distilled set; returns the loss curves."""
+                   progress: bool = True, arch: str | None = None) -> dict[str, list[float]]:
+    """One encoder per evaluation seed from one distilled set (with the set's own student
+    architecture, or ``arch``); returns the loss curves."""
     images, targets, meta = artifacts.load_distilled(distilled)
     spec = meta.get("model_spec") or model_spec(cfg.model, images.shape[1], images.shape[2], targets.shape[1])
+    if arch is not None:
+        spec = arch_spec(arch, images)
     method = str(meta.get("method", Path(distilled).stem))
+    name = method + (f"@{arch}" if arch else "")
     logs = {}
     for k in range(cfg.evaluate.seeds):
         encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, cfg.seed + k, device, progress,
-                                          desc=f"pretrain {method} s{k}")
-        logs[f"{method}/seed{k}"] = curve
-        artifacts.save_encoder(encoder_path(out, method, k), encoder, {**spec, "out_dim": targets.shape[1]},
+                                          desc=f"pretrain {name} s{k}")
+        logs[f"{name}/seed{k}"] = curve
+        artifacts.save_encoder(encoder_path(out, method, k, arch), encoder, {**spec, "out_dim": targets.shape[1]},
                                {"method": method, "seed": cfg.seed + k, "distilled_set": str(distilled)})
     return logs
 

@@ -26,10 +26,10 @@ def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> tupl
 
 
 def _settings(rows: list[dict]) -> dict[tuple, dict[str, dict[int, float]]]:
-    """(target, protocol, label_fraction) -> method -> seed -> accuracy."""
+    """(target, architecture group, protocol, label_fraction) -> method -> seed -> accuracy."""
     table: dict[tuple, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
-        table[(r["target"], r["protocol"], r["label_fraction"])][r["method"]][r["seed"]] = r["accuracy"]
+        table[(r["target"], r.get("group", r.get("arch", "")), r["protocol"], r["label_fraction"])][r["method"]][r["seed"]] = r["accuracy"]
     return table
 
 
@@ -41,30 +41,31 @@ def _methods(rows: list[dict]) -> list[str]:
 def results_markdown(rows: list[dict]) -> str:
     """The mean ± std table and the paired-difference table, with a sentence per significant difference."""
     table, methods = _settings(rows), _methods(rows)
-    lines = ["| target | protocol | labels | " + " | ".join(methods) + " |",
-             "|---|---|---|" + "---|" * len(methods)]
-    for (target, protocol, frac), by_method in sorted(table.items()):
+    lines = ["| target | arch | protocol | labels | " + " | ".join(methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]
+    for (target, arch, protocol, frac), by_method in sorted(table.items()):
         cells = []
         for m in methods:
             accs = list(by_method.get(m, {}).values())
             cells.append(f"{100 * np.mean(accs):.1f} ± {100 * np.std(accs, ddof=1) if len(accs) > 1 else 0:.1f}"
                          if accs else "–")
-        lines.append(f"| {target} | {protocol} | {frac:.0%} | " + " | ".join(cells) + " |")
+        lines.append(f"| {target} | {arch} | {protocol} | {frac:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences in accuracy points (same seeds; mean and 95 % t-interval over seeds):", "",
-              "| target | protocol | labels | comparison | difference | 95 % interval |", "|---|---|---|---|---|---|"]
+              "| target | arch | protocol | labels | comparison | difference | 95 % interval |",
+              "|---|---|---|---|---|---|---|"]
     findings = []
-    for (target, protocol, frac), by_method in sorted(table.items()):
+    for (target, arch, protocol, frac), by_method in sorted(table.items()):
         for m in methods:
             for base in BASELINES:
                 if m == base or base not in by_method or m not in by_method or (m, base) == ("no_pretrain", "random_subset"):
                     continue
                 seeds = sorted(set(by_method[m]) & set(by_method[base]))
                 mean, lo, hi = paired_interval([by_method[m][s] for s in seeds], [by_method[base][s] for s in seeds])
-                lines.append(f"| {target} | {protocol} | {frac:.0%} | {m} − {base} | {100 * mean:+.1f} | "
+                lines.append(f"| {target} | {arch} | {protocol} | {frac:.0%} | {m} − {base} | {100 * mean:+.1f} | "
                              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")
                 if lo > 0 or hi < 0:
                     findings.append(f"{m} {'beats' if mean > 0 else 'trails'} {base} by {100 * abs(mean):.1f} points "
-                                    f"on {target} ({protocol}, {frac:.0%} labels)")
+                                    f"on {target} ({arch}, {protocol}, {frac:.0%} labels)")
     lines.append("")
     if findings:
         lines.append("Differences whose 95 % interval excludes zero (beyond seed noise): " + "; ".join(findings) + ".")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from ssdd.config import TeacherConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import ssl_views
+from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder, build, model_spec
 from ssdd.teacher.barlow import barlow_twins_loss
 
@@ -35,8 +37,14 @@ class TeacherResult:
 
 
 def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, seed: int,
-                       device: torch.device | str = "cpu", progress: bool = True) -> TeacherResult:
-    """SGD with momentum (or AdamW), linear warm-up then cosine decay; views from :func:`ssl_views`."""
+                       device: torch.device | str = "cpu", progress: bool = True, resume: dict | None = None,
+                       checkpoint: Callable[[dict], None] | None = None,
+                       checkpoint_due: Callable[[int], bool] = lambda step: False,
+                       should_stop: Callable[[], bool] = lambda: False) -> TeacherResult:
+    """SGD with momentum (or AdamW), linear warm-up then cosine decay; views from :func:`ssl_views`.
+
+    Checkpoint / resume / stop work as in :func:`ssdd.distill.distill_krr_st`.
+    """
     torch.manual_seed(seed)
     c, h, _ = data.shape
     spec = model_spec(cfg.model, c, h, out_dim=0)
@@ -54,10 +62,21 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
     schedule = lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     views = ssl_views(data.images[:1], cfg.min_crop_scale).to(device)
-    losses = []
+    losses: list[float] = []
+    if resume is not None:
+        encoder.load_state_dict(resume["encoder"])
+        proj.load_state_dict(resume["projector"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        sampler.load_state_dict(resume["sampler"])
+        torch.set_rng_state(resume["torch_rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        losses = list(resume["losses"])
     encoder.train(), proj.train()
-    bar = tqdm(range(total), desc="teacher", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
+    bar = tqdm(range(len(losses), total), desc="teacher", disable=not progress, dynamic_ncols=True,
+               initial=len(losses), total=total)
+    for step in bar:
         x, _ = sampler.next()
         x = x.float() / 255
         v1, v2 = norm.normalize_unit(views(x)), norm.normalize_unit(views(x))
@@ -66,8 +85,19 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         loss.backward()
         opt.step()
         sched.step()
+        if not torch.isfinite(loss):
+            raise UserError(f"teacher: non-finite Barlow Twins loss at step {step}; lower teacher.lr (last checkpoint kept)")
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
+        stop = should_stop()
+        if checkpoint and (stop or checkpoint_due(step + 1)):
+            checkpoint({"step": step + 1, "encoder": encoder.state_dict(), "projector": proj.state_dict(),
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "sampler": sampler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "losses": list(losses)})
+        if stop and step + 1 < total:
+            raise Stopped("teacher", step + 1)
     recalibrate_batchnorm(encoder, data, norm, cfg.batch, device)
     return TeacherResult(encoder.eval(), spec, losses)
 
