@@ -29,11 +29,6 @@ from ssdd.models import build
 import ssdd.pipeline  # noqa: E402,F401  (import cost paid at collection, not in the first case)
 
 
-def bug(reason: str):
-    """A case the code does not meet yet: kept as it should be, expected to fail until fixed."""
-    return pytest.mark.xfail(reason=f"contract not met yet: {reason}", strict=True)
-
-
 ARTIFACT_SUFFIXES = (".safetensors", ".json", ".csv", ".md", ".png", ".pt")
 
 
@@ -168,7 +163,6 @@ def test_unknown_bundled_source(tmp_path, capsys, data):
     expect_error(["prepare", "--out", tmp_path / "o", *tiny_args("mnist6k", tgt)], capsys, tmp_path, "mnist6k")
 
 
-@bug('stage_prepare writes data/source_train+source_heldout before the target fails to load')
 def test_missing_target_file(tmp_path, capsys, data):
     src, _ = data
     missing = tmp_path / "nosuch_target.safetensors"
@@ -181,7 +175,6 @@ def test_missing_teacher_file(run_copy, tmp_path, capsys):
     expect_error(["distill", "--out", out, "--teacher", missing, *args], capsys, tmp_path, str(missing))
 
 
-@bug('--teacher existence is checked only in stage_teacher, after prepare wrote data/* and config.prepare.json')
 def test_missing_teacher_file_is_found_before_any_stage_runs(tmp_path, capsys, data):
     """A fresh --out: the missing --teacher must be reported before `prepare` writes data files."""
     missing = tmp_path / "nosuch_teacher.pt"
@@ -348,7 +341,6 @@ def test_dataset_with_3d_images(tmp_path, capsys, data):
     expect_error(["prepare", "--out", tmp_path / "o", *tiny_args(src, tgt)], capsys, tmp_path, str(src))
 
 
-@bug("message 'dataset <name>: 3 labels for 10 images' does not name the file (ImageSet check, load_dataset)")
 def test_dataset_with_label_count_mismatch(tmp_path, capsys, data):
     _, tgt = data
     src = tmp_path / "labels.safetensors"
@@ -357,7 +349,6 @@ def test_dataset_with_label_count_mismatch(tmp_path, capsys, data):
     expect_error(["prepare", "--out", tmp_path / "o", *tiny_args(src, tgt)], capsys, tmp_path, str(src))
 
 
-@bug("message 'dataset <name>: no images' does not name the file (ImageSet check, load_dataset)")
 def test_empty_prepared_dataset_file(tmp_path, capsys, data):
     _, tgt = data
     src = tmp_path / "empty.safetensors"
@@ -377,7 +368,6 @@ def test_info_on_distilled_set(tmp_path, capsys):
     expect_error(["info", f], capsys, tmp_path, str(f))
 
 
-@bug("dataset_info skips the dtype check; ImageSet message 'dataset <name>: images must be uint8' does not name the file")
 def test_info_on_dataset_with_float_images(tmp_path, capsys):
     f = tmp_path / "float.safetensors"
     save_tensors(f, {"images": torch.rand(4, 1, 8, 8)}, {"kind": "dataset", "name": "float"})
@@ -508,7 +498,6 @@ def test_dataset_file_given_as_encoder(tmp_path, capsys):
                  str(f), "encoder")
 
 
-@bug("registry.build's 'model: unknown architecture' message does not name the encoder file")
 def test_encoder_with_unknown_architecture(tmp_path, capsys):
     enc = tmp_path / "enc.safetensors"
     save_tensors(enc, {"w": torch.zeros(2)}, {"kind": "encoder", "model_spec": {"arch": "nosuch", "in_channels": 1,
@@ -518,7 +507,6 @@ def test_encoder_with_unknown_architecture(tmp_path, capsys):
                  tmp_path, str(enc), "nosuch")
 
 
-@bug('TypeError traceback from the model factory in registry.build')
 def test_encoder_with_incomplete_model_spec(tmp_path, capsys):
     enc = tmp_path / "enc.safetensors"
     save_tensors(enc, {"w": torch.zeros(2)}, {"kind": "encoder", "model_spec": {"arch": "convnet"}})
@@ -527,7 +515,6 @@ def test_encoder_with_incomplete_model_spec(tmp_path, capsys):
                  tmp_path, str(enc))
 
 
-@bug('RuntimeError (size mismatch) traceback from load_state_dict in encoder_from_artifact')
 def test_encoder_weights_of_the_wrong_shape(tmp_path, capsys):
     spec16 = {"arch": "convnet", "in_channels": 1, "image_size": 16, "out_dim": 0, "widths": [16, 16], "pool": "gap"}
     enc = tmp_path / "enc.safetensors"
@@ -567,7 +554,6 @@ def test_teacher_checkpoint_with_wrong_keys(run_copy, tmp_path, capsys):
     expect_error(["distill", "--out", out, "--teacher", teacher, *args], capsys, tmp_path, str(teacher), "conv9.weight")
 
 
-@bug('RuntimeError (size mismatch) traceback from load_state_dict in teacher.load.encoder_from_state_dict')
 def test_teacher_state_dict_with_wrong_shapes(run_copy, tmp_path, capsys):
     out, args = run_copy  # config: teacher.model.widths=[8, 8]; the file holds widths [16, 16]
     teacher = tmp_path / "wide.safetensors"
@@ -693,7 +679,6 @@ def test_empty_target_list(tmp_path, capsys):
     expect_error(["run", "--out", tmp_path / "o", "--set", "data.targets=[]"], capsys, tmp_path, "data.targets")
 
 
-@bug('RuntimeError traceback from torch.device in pipeline.resolve_device')
 def test_unknown_device(tmp_path, capsys, data):
     expect_error(["run", "--out", tmp_path / "o", "--until", "prepare", "--device", "bogus", *tiny_args(*data)],
                  capsys, tmp_path, "--device", "bogus")
@@ -769,20 +754,17 @@ def test_zero_seeds_option(tmp_path, capsys):
                  tmp_path, any_of=("--seeds", "evaluate.seeds"))
 
 
-@bug('ValueError traceback from np.random.default_rng in evaluate.suite.label_index; seed not validated')
 def test_negative_seed(tmp_path, capsys):
     tgt = write_set(tmp_path / "tgt.safetensors")
     expect_error(["evaluate", "--encoder", "none", "--targets", tgt, "--label-fractions", "0.5", "--set", "seed=-1",
                   "--out", tmp_path / "o", *TINY_EVAL], capsys, tmp_path, "seed")
 
 
-@bug('data.heldout=-1 is accepted: exit 0, trains on 1 image and holds out the rest')
 def test_negative_heldout(tmp_path, capsys, data):
     expect_error(["run", "--until", "prepare", "--out", tmp_path / "o", *tiny_args(*data), "--set", "data.heldout=-1"],
                  capsys, tmp_path, "data.heldout")
 
 
-@bug("data.heldout=0: 'dataset tiny: no images' without naming data.heldout, and source_train.safetensors is left")
 def test_zero_heldout(tmp_path, capsys, data):
     expect_error(["run", "--until", "prepare", "--out", tmp_path / "o", *tiny_args(*data), "--set", "data.heldout=0"],
                  capsys, tmp_path, "data.heldout")
@@ -793,7 +775,6 @@ def test_heldout_as_large_as_the_source(tmp_path, capsys, data):
                  capsys, tmp_path, "data.heldout")
 
 
-@bug("message 'max_per_class: must be a positive integer' does not name data.source_max_per_class")
 def test_negative_source_max_per_class(tmp_path, capsys):
     src = tiny_npz(tmp_path / "src.npz", channels=1)
     tgt = write_set(tmp_path / "tgt.safetensors")
@@ -801,14 +782,12 @@ def test_negative_source_max_per_class(tmp_path, capsys):
                   "--set", "data.source_max_per_class=-1"], capsys, tmp_path, "data.source_max_per_class")
 
 
-@bug('ZeroDivisionError in distill.check.heldout_losses after distilled/random_subset/distill_log were written')
 def test_zero_check_models(run_copy, tmp_path, capsys):
     out, args = run_copy
     expect_error(["distill", "--out", out, *args, "--set", "distill.check_models=0"], capsys, tmp_path,
                  "distill.check_models")
 
 
-@bug('evaluate.linear_draws=0 is accepted: exit 0 with NaN accuracies in results.json')
 def test_zero_linear_draws(tmp_path, capsys):
     tgt = write_set(tmp_path / "tgt.safetensors")
     expect_error(["evaluate", "--encoder", "none", "--targets", tgt, "--out", tmp_path / "o", *TINY_EVAL,
@@ -816,7 +795,6 @@ def test_zero_linear_draws(tmp_path, capsys):
                  "evaluate.linear_draws")
 
 
-@bug("evaluate.test_split=1.5: 'dataset tiny: no images' does not name evaluate.test_split")
 def test_test_split_above_one(tmp_path, capsys):
     tgt = write_set(tmp_path / "tgt.safetensors")
     expect_error(["evaluate", "--encoder", "none", "--targets", tgt, "--out", tmp_path / "o", *TINY_EVAL,
@@ -921,7 +899,6 @@ def test_no_write_permission_stage(tmp_path, capsys, monkeypatch, data):
                  "permission")
 
 
-@bug('atomic_path catches only PermissionError from mkstemp: OSError(EROFS) traceback')
 def test_read_only_file_system(tmp_path, capsys, monkeypatch):
     src = tiny_npz(tmp_path / "x.npz")
 
@@ -971,7 +948,6 @@ def test_disk_full_on_fsync(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
-@bug('the failing prepare stage leaves data/source_train.safetensors behind')
 def test_disk_full_midway_through_a_stage(tmp_path, capsys, monkeypatch, data):
     """The prepare stage writes several files: the second failing must not leave the first behind."""
     real_replace, calls = os.replace, []
@@ -990,7 +966,6 @@ def test_disk_full_midway_through_a_stage(tmp_path, capsys, monkeypatch, data):
 
 # ---- more option combinations and upstream files ------------------------------------------------
 
-@bug('--targets without --encoder is silently ignored; the error names data/target_digits_train.safetensors')
 def test_targets_without_encoder(tmp_path, capsys):
     """--targets only means something with --encoder; silently running the stage instead hides the mistake."""
     tgt = write_set(tmp_path / "tgt.safetensors")
@@ -1016,7 +991,6 @@ def _target_with_labels(path: Path, labels: torch.Tensor) -> Path:
     return path
 
 
-@bug('float labels are loaded; RuntimeError traceback from cross_entropy in evaluate.finetune')
 def test_target_with_float_labels(tmp_path, capsys):
     tgt = _target_with_labels(tmp_path / "float_labels.safetensors", (torch.arange(24) % 4).float())
     expect_error(["evaluate", "--encoder", "none", "--targets", tgt, "--out", tmp_path / "o", *TINY_EVAL,
@@ -1024,7 +998,6 @@ def test_target_with_float_labels(tmp_path, capsys):
                  str(tgt), "labels")
 
 
-@bug('labels >= len(class_names) are loaded; IndexError traceback from cross_entropy in evaluate.finetune')
 def test_target_with_labels_beyond_class_names(tmp_path, capsys):
     tgt = _target_with_labels(tmp_path / "big_labels.safetensors", torch.arange(24) % 7)  # 4 class names
     expect_error(["evaluate", "--encoder", "none", "--targets", tgt, "--out", tmp_path / "o", *TINY_EVAL,

@@ -33,12 +33,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UserError(f"{path.parent}: output folder is a file") from None
-    except PermissionError:
-        raise UserError(f"{path.parent}: no permission to create the output folder") from None
+    except OSError as err:
+        raise UserError(f"{path.parent}: cannot create the output folder ({err.strerror or err})") from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except PermissionError:
-        raise UserError(f"{path.parent}: no permission to write") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot write into {path.parent} ({err.strerror or err})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

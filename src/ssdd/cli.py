@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.prepare_file(args.source, args.format, args.size, args.out, args.split, args.max_per_class)
         elif args.command == "pretrain" and args.distilled:
             pipeline.pretrain_file(cfg, args.distilled, args.out, args.device, progress)
+        elif args.command == "evaluate" and args.targets and not args.encoder:
+            raise UserError("evaluate: --encoder is required with --targets (an encoder artifact, or 'none')")
         elif args.command == "evaluate" and args.encoder:
             if not args.targets:
                 raise UserError("evaluate: --targets is required with --encoder")

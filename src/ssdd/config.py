@@ -253,9 +253,19 @@ def validate(cfg: Config) -> None:
         "evaluate.finetune_iters": cfg.evaluate.finetune_iters,
         "evaluate.finetune_batch": cfg.evaluate.finetune_batch,
     }
+    positive.update({"data.heldout": cfg.data.heldout, "distill.check_models": cfg.distill.check_models,
+                     "distill.check_batches": cfg.distill.check_batches, "evaluate.linear_draws": cfg.evaluate.linear_draws,
+                     "checkpoint_minutes": cfg.checkpoint_minutes})
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config: {key} must be positive, got {value}")
+    for key, value in {"seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
+                       "data.source_max_per_class": cfg.data.source_max_per_class,
+                       "data.target_max_per_class": cfg.data.target_max_per_class}.items():
+        if value < 0:
+            raise UserError(f"config: {key} must be 0 or more, got {value}")
+    if not 0 < cfg.evaluate.test_split < 1:
+        raise UserError(f"config: evaluate.test_split must be between 0 and 1, got {cfg.evaluate.test_split}")
     for key in ("evaluate.linear_fractions", "evaluate.finetune_fractions"):
         for frac in _get(cfg, key):
             if not 0 < frac <= 1:

@@ -51,7 +51,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (expected auto, cpu, cuda or cuda:N)") from None
 
 
 def encoder_path(out: Path, method: str, k: int, arch: str | None = None) -> Path:
@@ -95,6 +98,8 @@ class Run:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
         self.data_dir = self.out / "data"
+        if cfg.teacher.path and not Path(cfg.teacher.path).is_file():
+            raise UserError(f"--teacher {cfg.teacher.path}: file not found")
         unknown = [a for a in cfg.pretrain.archs if a not in model_names()]
         if unknown:
             raise UserError(f"config: pretrain.archs: unknown architecture(s) {unknown} (available: {', '.join(model_names())})")
@@ -167,7 +172,18 @@ class Run:
                 log.info("%-8s skipped: artifacts exist for this config", stage)
                 continue
             start = time.perf_counter()
-            getattr(self, f"stage_{stage}")()
+            existed = {p for p in self.outputs(stage) if p.exists()}
+            try:
+                getattr(self, f"stage_{stage}")()
+            except BaseException:
+                # never leave a stage half done: remove what this attempt wrote (checkpoints stay)
+                for path in self.outputs(stage):
+                    if path not in existed:
+                        try:
+                            path.unlink(missing_ok=True)
+                        except OSError:
+                            pass
+                raise
             self.mark_done(stage)
             log.info("%-8s done in %.1f s", stage, time.perf_counter() - start)
 

@@ -75,9 +75,23 @@ def load_dataset(path: str | os.PathLike) -> ImageSet:
     if meta.get("kind") != "dataset":
         raise UserError(f"{path}: not an ssdd dataset file (kind={meta.get('kind')!r})")
     images, labels = tensors["images"], tensors.get("labels")
+    names = meta.get("class_names", [])
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise UserError(f"{path}: images must be uint8 (N,C,H,W), got {images.dtype} {tuple(images.shape)}")
-    return ImageSet(images, labels, list(meta.get("class_names", [])), str(meta.get("name", "")))
+    if len(images) == 0:
+        raise UserError(f"{path}: the dataset holds no images")
+    if not isinstance(names, list):
+        raise UserError(f"{path}: class_names metadata must be a list")
+    if labels is not None:
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.shape != (len(images),):
+            raise UserError(f"{path}: labels must be integers, one per image; got {labels.dtype} "
+                            f"{tuple(labels.shape)} for {len(images)} images")
+        limit = len(names) or None
+        if labels.min() < 0 or (limit is not None and labels.max() >= limit):
+            raise UserError(f"{path}: labels must lie in [0, {limit or 'num_classes'}), got "
+                            f"{int(labels.min())}..{int(labels.max())} with {len(names)} class names")
+        labels = labels.long()
+    return ImageSet(images, labels, [str(n) for n in names], str(meta.get("name", "")))
 
 
 def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,8 +71,15 @@ def model_spec(model_cfg: Any, in_channels: int, image_size: int, out_dim: int) 
 def encoder_from_artifact(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Encoder, dict]:
     """Rebuild an encoder saved by :func:`ssdd.artifacts.save_encoder`."""
     state, meta = load_encoder(path)
-    model = build(meta["model_spec"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    spec = meta["model_spec"]
+    try:
+        if not isinstance(spec, dict) or "arch" not in spec:
+            raise UserError("model_spec must be an object with an 'arch'")
+        model = build(spec)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (UserError, TypeError, ValueError, RuntimeError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot rebuild the encoder from its model_spec ({detail})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit {meta['model_spec'].get('arch')}: "
                         f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")

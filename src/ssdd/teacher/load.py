@@ -60,7 +60,11 @@ def encoder_from_state_dict(state: dict[str, torch.Tensor], spec: dict, where: s
     if spec["arch"] in ("resnet18", "resnet10") and any("layer1." in k for k in state):
         state = from_torchvision_keys(state, spec["arch"])
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches are not covered by strict=False
+        lines = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise UserError(f"{where}: weights do not fit {spec['arch']}: {(lines or [str(err)])[0][:200]}") from None
     if missing or unexpected:
         raise UserError(f"{where}: weights do not fit {spec['arch']}: missing {list(missing)[:6]}"
                         f"{'...' if len(missing) > 6 else ''}, unexpected {list(unexpected)[:6]}"

@@ -4,7 +4,6 @@ arguments and dispatches. Nothing here unpickles with the stock unpickler or run
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 
 from ssdd.artifacts import load_tensors
 from ssdd.data.bundled import load_bundled
-from ssdd.data.dataset import ImageSet
+from ssdd.data.dataset import ImageSet, load_dataset
 from ssdd.data.formats.cifar import read_cifar
 from ssdd.data.formats.common import SPLITS, finish
 from ssdd.data.formats.imagefolder import read_imagefolder
@@ -68,13 +67,8 @@ def _floats(value: Any, channels: int) -> list[float] | None:
 def dataset_info(path: str) -> dict:
     """Summary of a prepared .safetensors dataset file: count, shape [C,H,W], num_classes,
     class_names, has_labels and per-channel mean/std (from its metadata, else computed)."""
-    tensors, meta = load_tensors(path, required=("images",))
-    if meta.get("kind") != "dataset":
-        raise UserError(f"{path}: not an ssdd dataset file (kind={meta.get('kind')!r})")
-    names = meta.get("class_names", [])
-    if not isinstance(names, list):
-        raise UserError(f"{path}: class_names metadata must be a list, got {json.dumps(names)[:60]}")
-    data = ImageSet(tensors["images"], tensors.get("labels"), [str(n) for n in names], str(meta.get("name", path)))
+    data = load_dataset(path)
+    meta = load_tensors(path)[1]
     channels = data.shape[0]
     mean, std = _floats(meta.get("mean"), channels), _floats(meta.get("std"), channels)
     if mean is None or std is None:
@@ -82,4 +76,3 @@ def dataset_info(path: str) -> dict:
     return {"count": len(data), "shape": list(data.shape), "num_classes": data.num_classes,
             "class_names": list(data.class_names), "has_labels": data.labels is not None,
             "mean": mean, "std": std}
-
