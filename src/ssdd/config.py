@@ -55,6 +55,7 @@ class TeacherConfig:
     projector: list[int] = field(default_factory=lambda: [2048, 2048])
     redundancy_weight: float = 5e-3  # Barlow Twins lambda
     min_crop_scale: float = 0.2
+    hue: float = 0.1  # colour-jitter hue (RGB only); kornia's hue op dominates augmentation time on CPU
 
 
 @dataclass

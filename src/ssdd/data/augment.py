@@ -24,14 +24,14 @@ def crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch
     return x
 
 
-def ssl_views(x: torch.Tensor, min_scale: float = 0.2) -> torch.nn.Module:
+def ssl_views(x: torch.Tensor, min_scale: float = 0.2, hue: float = 0.1) -> torch.nn.Module:
     """The Barlow Twins view pipeline (kornia): resized crop, flip, colour jitter, grayscale."""
     import kornia.augmentation as K
 
     size = x.shape[-2:]
     ops: list[torch.nn.Module] = [K.RandomResizedCrop(size, scale=(min_scale, 1.0)), K.RandomHorizontalFlip()]
     if x.shape[1] == 3:
-        ops += [K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), K.RandomGrayscale(p=0.2)]
+        ops += [K.ColorJitter(0.4, 0.4, 0.2, hue, p=0.8), K.RandomGrayscale(p=0.2)]
     else:
         ops += [K.ColorJitter(0.4, 0.4, p=0.8)]
     return K.AugmentationSequential(*ops)

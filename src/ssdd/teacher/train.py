@@ -61,7 +61,7 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
     warmup = max(1, total // 10)
     schedule = lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    views = ssl_views(data.images[:1], cfg.min_crop_scale).to(device)
+    views = ssl_views(data.images[:1], cfg.min_crop_scale, cfg.hue).to(device)
     losses: list[float] = []
     if resume is not None:
         encoder.load_state_dict(resume["encoder"])
