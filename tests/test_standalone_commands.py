@@ -65,3 +65,25 @@ def test_architecture_transfer_in_the_pipeline(tmp_path):
     transfer = [r for r in rows if r["group"] == "resnet10"]
     assert {r["method"] for r in transfer} == {"krr_st", "random_subset", "no_pretrain"}
     assert {r["protocol"] for r in transfer} == {"finetune"} and {r["arch"] for r in transfer} == {"resnet10"}
+
+
+def test_kd_protocol(tmp_path):
+    out = tmp_path / "run"
+    args = ["run", "--preset", "demo", "--out", str(out), "--no-progress", "--set", "teacher.epochs=1",
+            "--set", "data.heldout=300", "--set", "distill.steps=2", "--set", "distill.m=10",
+            "--set", "distill.pool_max_age=2", "--set", "distill.check_models=1", "--set", "pretrain.epochs=1",
+            "--set", "evaluate.seeds=2", "--set", "evaluate.finetune_iters=3", "--set", "evaluate.kd_iters=3",
+            "--set", "evaluate.protocols=[\"kd\"]", "--until", "evaluate"]
+    assert main(args) == 0
+    rows = [r for r in json.loads((out / "results.json").read_text()) if r["protocol"] == "kd"]
+    assert {r["method"] for r in rows} == {"supervised_teacher", "krr_st", "random_subset", "gaussian_noise"}
+    assert len([r for r in rows if r["method"] == "krr_st"]) == 2 and all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_dsa_augment_is_seeded_and_keeps_shape():
+    from ssdd.evaluate.kd import dsa_augment
+
+    x = torch.randn(6, 3, 16, 16)
+    a = dsa_augment(x, torch.Generator().manual_seed(1))
+    b = dsa_augment(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)

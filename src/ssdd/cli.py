@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = stage_parsers["evaluate"]
     ev.add_argument("--encoder", nargs="+", help="standalone: encoder artifacts to evaluate, or 'none' (random init)")
     ev.add_argument("--targets", nargs="+", help="standalone: target specs (prepared file, FORMAT:PATH, folder, bundled)")
-    ev.add_argument("--protocols", nargs="+", choices=("linear", "finetune"), help="protocols to run")
+    ev.add_argument("--protocols", nargs="+", choices=("linear", "finetune", "kd"), help="protocols to run")
     ev.add_argument("--seeds", type=int, help="number of seeds")
     ev.add_argument("--label-fractions", nargs="+", type=float, help="label fractions for the linear probe")
     info = sub.add_parser("info", help="print one JSON object describing a prepared dataset file")

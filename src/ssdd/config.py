@@ -105,6 +105,9 @@ class EvaluateConfig:
     finetune_flip: bool = True
     finetune_crop_pad: int = 4
     test_split: float = 0.3  # for targets without their own test split
+    kd_iters: int = 2000  # protocol "kd": distillation steps on the transfer set
+    kd_temperature: float = 4.0
+    kd_teacher: str = ""  # a supervised classifier encoder for the target; empty = trained here (model.arch)
 
 
 @dataclass
@@ -253,6 +256,7 @@ def validate(cfg: Config) -> None:
         "pretrain.batch": cfg.pretrain.batch, "evaluate.seeds": cfg.evaluate.seeds,
         "evaluate.finetune_iters": cfg.evaluate.finetune_iters,
         "evaluate.finetune_batch": cfg.evaluate.finetune_batch,
+        "evaluate.kd_iters": cfg.evaluate.kd_iters, "evaluate.kd_temperature": cfg.evaluate.kd_temperature,
     }
     positive.update({"data.heldout": cfg.data.heldout, "distill.check_models": cfg.distill.check_models,
                      "distill.check_batches": cfg.distill.check_batches, "evaluate.linear_draws": cfg.evaluate.linear_draws,
@@ -272,8 +276,8 @@ def validate(cfg: Config) -> None:
             if not 0 < frac <= 1:
                 raise UserError(f"config: {key} values must be in (0, 1], got {frac}")
     for proto in cfg.evaluate.protocols:
-        if proto not in ("linear", "finetune"):
-            raise UserError(f"config: evaluate.protocols: unknown protocol '{proto}' (valid: linear, finetune)")
+        if proto not in ("linear", "finetune", "kd"):
+            raise UserError(f"config: evaluate.protocols: unknown protocol '{proto}' (valid: linear, finetune, kd)")
     if not cfg.data.targets:
         raise UserError("config: data.targets must name at least one target dataset")
 

@@ -26,6 +26,8 @@ from ssdd.distill import distill_krr_st, heldout_batches, heldout_losses, initia
 from ssdd.errors import Stopped, UserError
 from ssdd.interrupt import StopRequest
 from ssdd.evaluate import Target, evaluate_encoder
+from ssdd.evaluate.finetune import accuracy, finetune
+from ssdd.evaluate.kd import kd_accuracy
 from ssdd.models import build, encoder_from_artifact, model_spec
 from ssdd.models import names as model_names
 from ssdd.pretrain import pretrain_encoder
@@ -326,11 +328,51 @@ class Run:
     def stage_evaluate(self) -> None:
         targets = self._targets()
         rows = evaluate_all(self.out, METHODS, self.cfg, targets, str(self.device), self.progress)
+        if "kd" in self.cfg.evaluate.protocols:
+            rows += self._kd_rows(targets)
         finetune_only = dataclasses.replace(self.cfg.evaluate, protocols=["finetune"])  # as the paper's transfer table
         for arch in self.cfg.pretrain.archs:
             rows += evaluate_all(self.out, METHODS[:3], self.cfg, targets, str(self.device), self.progress, arch,
                                  finetune_only)
         write_results(self.out, rows)
+
+    def _kd_rows(self, targets: list[Target]) -> list[dict]:
+        """Protocol "kd": each pre-trained student learns the target from a supervised teacher using
+        only its own distilled set's images; a randomly initialised student on Gaussian noise is the baseline."""
+        cfg, dev = self.cfg, str(self.device)
+        sets = {m: artifacts.load_distilled(self.out / f) for m, f in
+                (("krr_st", "distilled.safetensors"), ("random_subset", "random_subset.safetensors"))}
+        rows = []
+        for target in targets:
+            norm = Normalizer(*target.train.mean_std(), device=dev)
+            c, h, _ = target.train.shape
+            if cfg.evaluate.kd_teacher:
+                teacher = encoder_from_artifact(cfg.evaluate.kd_teacher, dev)[0]
+            else:
+                torch.manual_seed(cfg.seed)
+                teacher = finetune(build(model_spec(cfg.model, c, h, 0)), target.train, norm, cfg.evaluate, cfg.seed,
+                                   dev, self.progress, desc=f"kd teacher {target.name}")
+            row = {"target": target.name, "protocol": "kd", "label_fraction": 1.0, "arch": cfg.model.arch,
+                   "group": cfg.model.arch}
+            rows.append({**row, "method": "supervised_teacher", "seed": cfg.seed,
+                         "accuracy": accuracy(teacher, target.test, norm, dev)})
+            transfer = {}
+            for method, (images, _, meta) in sets.items():
+                if images.shape[1:] != target.train.images.shape[1:]:
+                    raise UserError(f"target {target.name}: kd needs distilled images shaped like the target's "
+                                    f"{list(target.train.shape)}, got {list(images.shape[1:])}")
+                unit = images if meta.get("image_space") != "normalized" else Normalizer(meta["mean"], meta["std"]).to_unit(images)
+                transfer[method] = norm.normalize_unit(unit.to(dev))
+            noise = torch.randn(transfer["krr_st"].shape, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
+            for k in range(cfg.evaluate.seeds):
+                for method, images, student_method in (("krr_st", transfer["krr_st"], "krr_st"),
+                                                       ("random_subset", transfer["random_subset"], "random_subset"),
+                                                       ("gaussian_noise", noise, "no_pretrain")):
+                    student = encoder_from_artifact(encoder_path(self.out, student_method, k), dev)[0]
+                    acc = kd_accuracy(student, teacher, images, target.test, norm, cfg.evaluate, cfg.seed + k, dev,
+                                      self.progress, desc=f"kd {method} s{k}")
+                    rows.append({**row, "method": method, "seed": cfg.seed + k, "accuracy": acc})
+        return rows
 
     def stage_report(self) -> None:
         report.write_report(self.out)

@@ -13,7 +13,7 @@ from scipy import stats
 from ssdd import artifacts
 
 BASELINES = ("random_subset", "no_pretrain")
-METHOD_ORDER = ("krr_st", "random_subset", "no_pretrain", "full_ssl")
+METHOD_ORDER = ("krr_st", "random_subset", "no_pretrain", "full_ssl", "gaussian_noise", "supervised_teacher")
 
 
 def paired_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -60,6 +60,8 @@ def results_markdown(rows: list[dict]) -> str:
                 if m == base or base not in by_method or m not in by_method or (m, base) == ("no_pretrain", "random_subset"):
                     continue
                 seeds = sorted(set(by_method[m]) & set(by_method[base]))
+                if len(seeds) < 2:
+                    continue  # no interval from one seed
                 mean, lo, hi = paired_interval([by_method[m][s] for s in seeds], [by_method[base][s] for s in seeds])
                 lines.append(f"| {target} | {arch} | {protocol} | {frac:.0%} | {m} − {base} | {100 * mean:+.1f} | "
                              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] |")

@@ -26,6 +26,12 @@ def accuracy(model: Encoder, test: ImageSet, norm: Normalizer, device: torch.dev
 
 def finetune_accuracy(encoder: Encoder, train: ImageSet, test: ImageSet, norm: Normalizer, cfg: EvaluateConfig,
                       seed: int, device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune") -> float:
+    """Test accuracy after :func:`finetune`."""
+    return accuracy(finetune(encoder, train, norm, cfg, seed, device, progress, desc), test, norm, device)
+
+
+def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateConfig, seed: int,
+             device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune") -> Encoder:
     """SGD with momentum and cosine decay over ``finetune_iters`` steps, crop (+flip) augmentation."""
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder).to(device)
@@ -44,4 +50,4 @@ def finetune_accuracy(encoder: Encoder, train: ImageSet, test: ImageSet, norm: N
         loss.backward()
         opt.step()
         sched.step()
-    return accuracy(model, test, norm, device)
+    return model.eval()
