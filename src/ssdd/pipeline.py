@@ -38,7 +38,7 @@ log = logging.getLogger("ssdd")
 STAGES = ("prepare", "teacher", "distill", "pretrain", "evaluate", "report")
 # The config sections each stage depends on (its own and those upstream).
 SECTIONS = {
-    "prepare": ("seed", "data"),
+    "prepare": ("seed", "data", "evaluate.test_split"),
     "teacher": ("seed", "data", "teacher"),
     "distill": ("seed", "data", "teacher", "model", "distill"),
     "pretrain": ("seed", "data", "teacher", "model", "distill", "pretrain", "evaluate.seeds"),

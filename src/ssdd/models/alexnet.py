@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssdd.errors import UserError
-from ssdd.models.registry import Encoder, register
+from ssdd.models.registry import Encoder, pooled_encoder, register
 
 # (output channels, kernel size, max-pool after) per conv.
 ALEXNET_LAYOUT: tuple[tuple[int, int, bool], ...] = (
@@ -35,13 +35,4 @@ def alexnet(in_channels: int, image_size: int, out_dim: int, pool: str = "gap",
         if pooled:
             layers.append(nn.MaxPool2d(2))
         channels = width
-    if pool == "gap":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        feature_dim = channels
-    elif pool == "flatten":
-        side = image_size // 2 ** pools
-        layers.append(nn.Flatten())
-        feature_dim = channels * side * side
-    else:
-        raise UserError(f"model: alexnet pool must be 'gap' or 'flatten', got '{pool}'")
-    return Encoder(nn.Sequential(*layers), feature_dim, out_dim)
+    return pooled_encoder(layers, channels, image_size // 2 ** pools, pool, out_dim, "alexnet")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ssdd.models.registry import Encoder, register
+from ssdd.models.registry import Encoder, pooled_encoder, register
 
 
 @register("convnet")
@@ -17,10 +17,4 @@ def convnet(in_channels: int, image_size: int, out_dim: int, widths: list[int] =
         layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                    nn.AvgPool2d(2)]
         channels, size = width, size // 2
-    if pool == "gap":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        feature_dim = channels
-    else:
-        layers += [nn.Flatten()]
-        feature_dim = channels * size * size
-    return Encoder(nn.Sequential(*layers), feature_dim, out_dim)
+    return pooled_encoder(layers, channels, size, pool, out_dim, "convnet")

@@ -37,6 +37,16 @@ class Encoder(nn.Module):
         self.head = nn.Linear(self.feature_dim, out_dim).to(next(self.parameters()).device)
 
 
+def pooled_encoder(layers: list[nn.Module], channels: int, side: int, pool: str, out_dim: int, arch: str) -> Encoder:
+    """Finish a conv stack: ``"gap"`` averages the last map (features = channels), ``"flatten"``
+    keeps it (features = channels * side * side, as the dataset-distillation ConvNet)."""
+    if pool == "gap":
+        return Encoder(nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), channels, out_dim)
+    if pool == "flatten":
+        return Encoder(nn.Sequential(*layers, nn.Flatten()), channels * side * side, out_dim)
+    raise UserError(f"model: {arch} pool must be 'gap' or 'flatten', got '{pool}'")
+
+
 def register(name: str) -> Callable:
     def wrap(factory: Callable[..., Encoder]) -> Callable[..., Encoder]:
         _REGISTRY[name] = factory

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssdd.errors import UserError
-from ssdd.models.registry import Encoder, register
+from ssdd.models.registry import Encoder, pooled_encoder, register
 
 # Output channels of each 3x3 conv; "M" is a 2x2 max-pool.
 VGG11_LAYOUT: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -31,13 +31,4 @@ def vgg11(in_channels: int, image_size: int, out_dim: int, pool: str = "gap") ->
             layers += [nn.Conv2d(channels, entry, 3, padding=1, bias=False), nn.BatchNorm2d(entry),
                        nn.ReLU(inplace=True)]
             channels = entry
-    if pool == "gap":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        feature_dim = channels
-    elif pool == "flatten":
-        side = image_size // 2 ** pools
-        layers.append(nn.Flatten())
-        feature_dim = channels * side * side
-    else:
-        raise UserError(f"model: vgg11 pool must be 'gap' or 'flatten', got '{pool}'")
-    return Encoder(nn.Sequential(*layers), feature_dim, out_dim)
+    return pooled_encoder(layers, channels, image_size // 2 ** pools, pool, out_dim, "vgg11")
