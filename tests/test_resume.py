@@ -85,3 +85,28 @@ def test_checkpoint_of_another_config_is_refused(prepared, capsys):
     code = main(["distill", "--out", str(out), *SETTINGS, "--set", "distill.lr_images=0.5"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "different config" in err
+
+
+def test_unit_progress_redoes_only_unfinished_units(tmp_path):
+    from ssdd.errors import Stopped
+    from ssdd.pipeline import Checkpointer, UnitProgress
+
+    calls = []
+
+    def work(name):
+        calls.append(name)
+        return [{"unit": name, "accuracy": 0.5}]
+
+    stop = {"now": False}
+    units = UnitProgress(Checkpointer(tmp_path, "evaluate", "fp", 0, 10.0), lambda: stop["now"])
+    assert units.run("a", lambda: work("a")) == [{"unit": "a", "accuracy": 0.5}]
+    units.run("b", lambda: work("b"))
+    stop["now"] = True
+    with pytest.raises(Stopped):
+        units.run("c", lambda: work("c"))
+    resumed = UnitProgress(Checkpointer(tmp_path, "evaluate", "fp", 0, 10.0), lambda: False)
+    for name in "abc":
+        resumed.run(name, lambda name=name: work(name))
+    assert calls == ["a", "b", "c"]  # a and b came from the checkpoint
+    with pytest.raises(Exception, match="different config"):
+        UnitProgress(Checkpointer(tmp_path, "evaluate", "other", 0, 10.0), lambda: False)

@@ -195,6 +195,10 @@ def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str) -> d
     return None
 
 
+def has_checkpoint(folder: str | os.PathLike, name: str) -> bool:
+    return bool(_checkpoint_records(Path(folder), name))
+
+
 def clear_checkpoints(folder: str | os.PathLike, name: str) -> None:
     for _, meta_path in _checkpoint_records(Path(folder), name):
         meta_path.with_suffix(".pt").unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -90,6 +91,26 @@ class Checkpointer:
 
     def clear(self) -> None:
         artifacts.clear_checkpoints(self.out, self.stage)
+
+
+class UnitProgress:
+    """Resumable progress over independent units of work (one encoder, one evaluation): each
+    finished unit's result is checkpointed at once, so a rerun after a crash or a stop redoes at
+    most the unit that was running."""
+
+    def __init__(self, ckpt: Checkpointer, stop: Callable[[], bool]):
+        self.ckpt, self.stop = ckpt, stop
+        state = ckpt.load()
+        self.done: dict[str, Any] = dict(state["units"]) if state else {}
+
+    def run(self, key: str, work: Callable[[], Any], intact: Callable[[], bool] = lambda: True) -> Any:
+        if key in self.done and intact():
+            return self.done[key]
+        if self.stop():
+            raise Stopped(self.ckpt.stage, len(self.done), str(self.ckpt.out))
+        self.done[key] = work()
+        self.ckpt.save({"step": len(self.done), "units": self.done})
+        return self.done[key]
 
 
 class Run:
@@ -178,7 +199,9 @@ class Run:
             try:
                 getattr(self, f"stage_{stage}")()
             except BaseException:
-                # never leave a stage half done: remove what this attempt wrote (checkpoints stay)
+                if artifacts.has_checkpoint(self.out, stage):
+                    raise  # resumable: what was written is the progress the checkpoint describes
+                # never leave a stage half done: remove what this attempt wrote
                 for path in self.outputs(stage):
                     if path not in existed:
                         try:
@@ -301,12 +324,14 @@ class Run:
 
     def stage_pretrain(self) -> None:
         cfg, logs = self.cfg, {}
-        for method in ("krr_st", "random_subset"):
-            path = self.out / ("distilled.safetensors" if method == "krr_st" else "random_subset.safetensors")
-            if not path.is_file():
-                raise UserError(f"{path}: not found; run `ssdd distill` into this --out folder first")
-            for arch in self.archs():
-                logs.update(pretrain_seeds(cfg, path, self.out, self.device, self.progress, arch))
+        with StopRequest() as stop:
+            units = UnitProgress(self.checkpointer("pretrain"), stop)
+            for method in ("krr_st", "random_subset"):
+                path = self.out / ("distilled.safetensors" if method == "krr_st" else "random_subset.safetensors")
+                if not path.is_file():
+                    raise UserError(f"{path}: not found; run `ssdd distill` into this --out folder first")
+                for arch in self.archs():
+                    logs.update(pretrain_seeds(cfg, path, self.out, self.device, self.progress, arch, units))
         images, _, meta = artifacts.load_distilled(path)
         for arch in self.archs():
             spec = {**(meta["model_spec"] if arch is None else arch_spec(arch, images)), "out_dim": 0}
@@ -317,6 +342,7 @@ class Run:
         if self.teacher_is_encoder():
             shutil.copyfile(self.teacher_file(), encoder_path(self.out, "full_ssl", 0))
         artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": logs})
+        units.ckpt.clear()
 
     def _targets(self) -> list[Target]:
         out = []
@@ -327,14 +353,17 @@ class Run:
 
     def stage_evaluate(self) -> None:
         targets = self._targets()
-        rows = evaluate_all(self.out, METHODS, self.cfg, targets, str(self.device), self.progress)
-        if "kd" in self.cfg.evaluate.protocols:
-            rows += self._kd_rows(targets)
-        finetune_only = dataclasses.replace(self.cfg.evaluate, protocols=["finetune"])  # as the paper's transfer table
-        for arch in self.cfg.pretrain.archs:
-            rows += evaluate_all(self.out, METHODS[:3], self.cfg, targets, str(self.device), self.progress, arch,
-                                 finetune_only)
+        with StopRequest() as stop:
+            units = UnitProgress(self.checkpointer("evaluate"), stop)
+            rows = evaluate_all(self.out, METHODS, self.cfg, targets, str(self.device), self.progress, units=units)
+            if "kd" in self.cfg.evaluate.protocols:
+                rows += units.run("kd", lambda: self._kd_rows(targets))
+            finetune_only = dataclasses.replace(self.cfg.evaluate, protocols=["finetune"])  # the paper's transfer table
+            for arch in self.cfg.pretrain.archs:
+                rows += evaluate_all(self.out, METHODS[:3], self.cfg, targets, str(self.device), self.progress, arch,
+                                     finetune_only, units)
         write_results(self.out, rows)
+        units.ckpt.clear()
 
     def _kd_rows(self, targets: list[Target]) -> list[dict]:
         """Protocol "kd": each pre-trained student learns the target from a supervised teacher using
@@ -379,19 +408,23 @@ class Run:
 
 
 def evaluate_all(out: Path, methods: tuple[str, ...], cfg: Config, targets: list[Target], device: str,
-                 progress: bool, arch: str | None = None, eval_cfg: EvaluateConfig | None = None) -> list[dict]:
+                 progress: bool, arch: str | None = None, eval_cfg: EvaluateConfig | None = None,
+                 units: UnitProgress | None = None) -> list[dict]:
     """Each method's encoder for each seed (full_ssl: one encoder, seeds vary the evaluation only)."""
     rows = []
+    group = arch or cfg.model.arch  # the table compares methods within a group; full_ssl's own arch is the teacher's
     for k in range(cfg.evaluate.seeds):
         for method in methods:
             path = encoder_path(out, method, k, arch)
             path = path if path.exists() else encoder_path(out, method, 0, arch)
             encoder, _ = encoder_from_artifact(path, device)
             for target in targets:
-                for row in evaluate_encoder(method, cfg.seed + k, encoder, target, eval_cfg or cfg.evaluate, device,
-                                            progress):
-                    # the table compares methods within a group; full_ssl's own arch is the teacher's
-                    rows.append({**row, "group": arch or cfg.model.arch})
+                def work(target: Target = target) -> list[dict]:
+                    return [{**row, "group": group} for row in
+                            evaluate_encoder(method, cfg.seed + k, encoder, target, eval_cfg or cfg.evaluate, device,
+                                             progress)]
+                key = f"{group}/{method}/seed{k}/{target.name}"
+                rows += units.run(key, work) if units else work()
     return rows
 
 
@@ -433,7 +466,8 @@ def arch_spec(arch: str, images: torch.Tensor) -> dict:
 
 
 def pretrain_seeds(cfg: Config, distilled: str | Path, out: Path, device: torch.device,
-                   progress: bool = True, arch: str | None = None) -> dict[str, list[float]]:
+                   progress: bool = True, arch: str | None = None,
+                   units: UnitProgress | None = None) -> dict[str, list[float]]:
     """One encoder per evaluation seed from one distilled set (with the set's own student
     architecture, or ``arch``); returns the loss curves."""
     images, targets, meta = artifacts.load_distilled(distilled)
@@ -444,11 +478,14 @@ def pretrain_seeds(cfg: Config, distilled: str | Path, out: Path, device: torch.
     name = method + (f"@{arch}" if arch else "")
     logs = {}
     for k in range(cfg.evaluate.seeds):
-        encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, cfg.seed + k, device, progress,
-                                          desc=f"pretrain {name} s{k}")
-        logs[f"{name}/seed{k}"] = curve
-        artifacts.save_encoder(encoder_path(out, method, k, arch), encoder, {**spec, "out_dim": targets.shape[1]},
-                               {"method": method, "seed": cfg.seed + k, "distilled_set": str(distilled)})
+        def work(k: int = k) -> list[float]:
+            encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, cfg.seed + k, device, progress,
+                                              desc=f"pretrain {name} s{k}")
+            artifacts.save_encoder(encoder_path(out, method, k, arch), encoder, {**spec, "out_dim": targets.shape[1]},
+                                   {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name})
+            return curve
+        key = f"{name}/seed{k}"
+        logs[key] = units.run(key, work, encoder_path(out, method, k, arch).is_file) if units else work()
     return logs
 
 
