@@ -172,9 +172,10 @@ def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any],
     write_bytes(path, data)
     write_json(path.with_suffix(".json"), {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "step": step,
                                            "fingerprint": fingerprint, "ssdd_version": ssdd.__version__})
-    for _, old in _checkpoint_records(folder, name)[keep:]:
-        old.with_suffix(".pt").unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
+    kept = {p.stem for _, p in _checkpoint_records(folder, name)[:keep]}
+    for old in list(folder.glob(f"{name}.ckpt-*.pt")) + list(folder.glob(f"{name}.ckpt-*.json")):
+        if old.stem not in kept:  # older ones, and a .pt whose record a kill never let us write
+            old.unlink(missing_ok=True)
     return path
 
 
