@@ -289,7 +289,8 @@ class Run:
             except Stopped as err:
                 raise Stopped("distill", err.step, str(self.out)) from None
         if not (torch.isfinite(result.images).all() and torch.isfinite(result.targets).all()):
-            raise RuntimeError("distillation diverged: the synthetic set holds NaN/inf; lower distill.lr_images")
+            raise UserError("distill: the synthetic set holds NaN/inf after the last step; lower distill.lr_images "
+                            "(nothing was written)")
         meta = {"source": cfg.data.source, "teacher": cfg.teacher.path or self.teacher_file().name, "seed": cfg.seed,
                 "image_space": cfg.distill.image_space, "mean": norm.mean.flatten().tolist(),
                 "std": norm.std.flatten().tolist(), "model_spec": spec, "config": to_dict(cfg)}
