@@ -196,6 +196,18 @@ def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str) -> d
     return None
 
 
+def rng_state() -> dict[str, Any]:
+    """The global torch RNG streams a training loop draws from (CPU, and every CUDA device)."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def has_checkpoint(folder: str | os.PathLike, name: str) -> bool:
     return bool(_checkpoint_records(Path(folder), name))
 

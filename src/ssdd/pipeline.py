@@ -160,6 +160,15 @@ class Run:
         return Checkpointer(self.out, stage, self._section_fingerprint(stage), self.cfg.checkpoint_every,
                             self.cfg.checkpoint_minutes)
 
+    def _resumable(self, stage: str, loop: Callable[..., Any]) -> tuple[Checkpointer, Any]:
+        """Run a step loop with this stage's checkpoint hooks (resume, periodic saves, stop on a signal)."""
+        ckpt = self.checkpointer(stage)
+        with StopRequest() as stop:
+            try:
+                return ckpt, loop(resume=ckpt.load(), checkpoint=ckpt.save, checkpoint_due=ckpt.due, should_stop=stop)
+            except Stopped as err:
+                raise Stopped(stage, err.step, str(self.out)) from None
+
     def teacher_is_encoder(self) -> bool:
         return not (self.cfg.teacher.path and is_torchscript(Path(self.cfg.teacher.path)))
 
@@ -251,14 +260,8 @@ class Run:
             else:
                 artifacts.write_bytes(self.teacher_file(), Path(self.cfg.teacher.path).read_bytes())
             return
-        ckpt = self.checkpointer("teacher")
-        with StopRequest() as stop:
-            try:
-                result = train_barlow_twins(data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress,
-                                            resume=ckpt.load(), checkpoint=ckpt.save, checkpoint_due=ckpt.due,
-                                            should_stop=stop)
-            except Stopped as err:
-                raise Stopped("teacher", err.step, str(self.out)) from None
+        ckpt, result = self._resumable("teacher", lambda **hooks: train_barlow_twins(
+            data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress, **hooks))
         artifacts.save_encoder(self.out / "teacher.safetensors", result.encoder, result.spec,
                                {"method": "barlow_twins", "source": self.cfg.data.source, "seed": self.cfg.seed,
                                 "loss_curve": result.losses})
@@ -280,14 +283,8 @@ class Run:
         c, h, _ = source.shape
         teacher, dim, _ = self._teacher(c, h)
         spec = model_spec(cfg.model, c, h, out_dim=dim)
-        ckpt = self.checkpointer("distill")
-        with StopRequest() as stop:
-            try:
-                result = distill_krr_st(source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress,
-                                        resume=ckpt.load(), checkpoint=ckpt.save, checkpoint_due=ckpt.due,
-                                        should_stop=stop)
-            except Stopped as err:
-                raise Stopped("distill", err.step, str(self.out)) from None
+        ckpt, result = self._resumable("distill", lambda **hooks: distill_krr_st(
+            source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress, **hooks))
         if not (torch.isfinite(result.images).all() and torch.isfinite(result.targets).all()):
             raise UserError("distill: the synthetic set holds NaN/inf after the last step; lower distill.lr_images "
                             "(nothing was written)")

@@ -3,7 +3,6 @@ features of a pool model, predicts the teacher's features of real images."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import DistillConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
@@ -18,8 +18,6 @@ from ssdd.distill.krr import krr_st_loss
 from ssdd.distill.pool import ModelPool
 from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -97,13 +95,13 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
         pool.load_state_dict(resume["pool"])
         sampler.load_state_dict(resume["sampler"])
         aug_gen.set_state(resume["aug_gen"])
-        torch.set_rng_state(resume["torch_rng"])
+        restore_rng(resume)
         losses = list(resume["losses"])
 
     def state() -> dict:
         return {"step": len(losses), "x_s": x_s.detach().clone(), "y_s": y_s.detach().clone(),
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "pool": pool.state_dict(),
-                "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), **rng_state(),
                 "losses": list(losses)}
 
     bar = tqdm(range(len(losses), cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import TeacherConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import ssl_views
@@ -69,9 +70,7 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         sampler.load_state_dict(resume["sampler"])
-        torch.set_rng_state(resume["torch_rng"])
-        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        restore_rng(resume)
         losses = list(resume["losses"])
     encoder.train(), proj.train()
     bar = tqdm(range(len(losses), total), desc="teacher", disable=not progress, dynamic_ncols=True,
@@ -93,9 +92,7 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         if checkpoint and (stop or checkpoint_due(step + 1)):
             checkpoint({"step": step + 1, "encoder": encoder.state_dict(), "projector": proj.state_dict(),
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "sampler": sampler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "losses": list(losses)})
+                        **rng_state(), "losses": list(losses)})
         if stop and step + 1 < total:
             raise Stopped("teacher", step + 1)
     recalibrate_batchnorm(encoder, data, norm, cfg.batch, device)
