@@ -163,19 +163,22 @@ def _checkpoint_records(folder: Path, name: str) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any], fingerprint: str, keep: int = 2) -> Path:
+    """Write a checkpoint so that a kill at any instant leaves at most ``keep`` of them and at least
+    the previous intact one: prune first, then the record (its SHA-256), then the data it describes."""
     folder = Path(folder)
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
     step = int(state["step"])
     path = folder / f"{name}.ckpt-{step:09d}.pt"
-    write_bytes(path, data)
+    complete = [p for _, p in _checkpoint_records(folder, name) if p.with_suffix(".pt").is_file()]
+    kept = {p.stem for p in complete[:keep - 1]}
+    for old in list(folder.glob(f"{name}.ckpt-*.pt")) + list(folder.glob(f"{name}.ckpt-*.json")):
+        if old.stem not in kept:  # older ones, and a file whose partner a kill never let us write
+            old.unlink(missing_ok=True)
     write_json(path.with_suffix(".json"), {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "step": step,
                                            "fingerprint": fingerprint, "ssdd_version": ssdd.__version__})
-    kept = {p.stem for _, p in _checkpoint_records(folder, name)[:keep]}
-    for old in list(folder.glob(f"{name}.ckpt-*.pt")) + list(folder.glob(f"{name}.ckpt-*.json")):
-        if old.stem not in kept:  # older ones, and a .pt whose record a kill never let us write
-            old.unlink(missing_ok=True)
+    write_bytes(path, data)
     return path
 
 
