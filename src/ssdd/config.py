@@ -30,6 +30,7 @@ class ModelConfig:
     arch: str = "convnet"
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     pool: str = "gap"  # convnet: "gap" (global average) or "flatten" (the paper's ConvNet)
+    norm: str = "batch"  # convnet: "batch" (KRR-ST's ConvNet) or "instance" (MKDT's; no running statistics)
 
 
 @dataclass
@@ -59,10 +60,10 @@ class TeacherConfig:
 
 
 @dataclass
-class DistillConfig:
-    m: int = 1000
+class KrrStConfig:
+    """KRR-ST (DESIGN.md, "KRR-ST, exactly")."""
+
     steps: int = 160_000
-    batch: int = 1024
     lr_images: float = 1e-4
     lr_targets: float = 1e-4
     final_lr_ratio: float = 1e-3
@@ -73,11 +74,75 @@ class DistillConfig:
     pool_lr: float = 0.1
     pool_momentum: float = 0.9
     pool_weight_decay: float = 1e-3
+    check_batches: int = 4  # held-out real batches for the held-out loss check (first seed)
+    check_models: int = 4
+
+
+@dataclass
+class ExpertsConfig:
+    """Knowledge-distillation experts (MKDT stage 1): students regressing the teacher's features of
+    the un-augmented source, parameters saved at init and after every epoch."""
+
+    count: int = 10
+    epochs: int = 5  # only epochs 0 .. max_start_epoch + span are ever read
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch: int = 256
+    augment: bool = False  # crop/flip views (targets from the teacher on the same view): augmentation-consistent experts
+
+
+@dataclass
+class MkdtConfig:
+    """MKDT (../shared/methods/mkdt.md): trajectory matching to the KD experts."""
+
+    iterations: int = 5000
+    syn_steps: int = 40  # N: unrolled student steps on the synthetic set per iteration
+    span: int = 2  # M: expert epochs the N steps should cover
+    max_start_epoch: int = 2
+    lr_images: float = 1e3
+    lr_targets: float = 1.0
+    lr_lr: float = 1e-4
+    lr_init: float = 0.1  # the learnable inner (and pre-training) learning rate starts here
+    momentum: float = 0.5
+    batch_syn: int = 0  # synthetic minibatch per unrolled step; 0 = the whole set
+    init: str = "high_loss"  # "high_loss" (MKDT), "random" (the paired random draw) or "krr_st"
+
+
+@dataclass
+class NaiveBilevelConfig:
+    """Naive bilevel SSL: unrolled Barlow Twins steps on augmented synthetic images."""
+
+    steps: int = 200
+    inner_steps: int = 3
+    inner_lr: float = 0.1
+    lr_images: float = 1e-2
+    redundancy_weight: float = 5e-3
+    projector: list[int] = field(default_factory=lambda: [256, 256])
+
+
+@dataclass
+class KmeansConfig:
+    """MiniBatchKMeans on teacher features; the real image nearest each centroid."""
+
+    batch_size: int = 1024
+    n_init: int = 3
+    max_iter: int = 100
+
+
+@dataclass
+class DistillConfig:
+    m: int = 1000
+    batch: int = 1024  # real batch of the methods that sample one (KRR-ST, naive bilevel)
     image_space: str = "normalized"  # "normalized" or "reference" (raw [0,1] synthetic pixels)
     flip: bool = True
     crop_pad: int = 4
-    check_batches: int = 4  # held-out real batches for distill_check.json
-    check_models: int = 4
+    target_views: int = 1  # targets = teacher features averaged over this many crop/flip views (1 = plain)
+    krr_st: KrrStConfig = field(default_factory=KrrStConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    mkdt: MkdtConfig = field(default_factory=MkdtConfig)
+    naive_bilevel: NaiveBilevelConfig = field(default_factory=NaiveBilevelConfig)
+    kmeans: KmeansConfig = field(default_factory=KmeansConfig)
 
 
 @dataclass
@@ -94,8 +159,13 @@ class PretrainConfig:
 class EvaluateConfig:
     seeds: int = 3
     protocols: list[str] = field(default_factory=lambda: ["linear", "finetune"])
-    linear_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    linear_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 1.0])
     linear_draws: int = 5  # label draws averaged when the fraction is below 1
+    probe_features: str = "gap"  # "gap": the encoder's features; "flatten": the flattened last conv map (MKDT)
+    # hyper-parameters are chosen on a validation split carved from the target's train split (never the test
+    # split): this fraction of each class is held out of every label draw
+    validation: float = 0.1
+    linear_c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2 strengths tried
     finetune_fractions: list[float] = field(default_factory=lambda: [0.1, 1.0])
     finetune_iters: int = 10_000
     finetune_batch: int = 256
@@ -113,6 +183,8 @@ class EvaluateConfig:
 @dataclass
 class Config:
     seed: int = 0
+    # the methods to distil, pre-train, evaluate and report, in table order (see ssdd.distill.registry)
+    methods: list[str] = field(default_factory=lambda: ["krr_st", "random_subset", "no_pretrain", "full_ssl"])
     checkpoint_every: int = 1000  # steps between checkpoints of long stages (0 = by time and on stop only)
     checkpoint_minutes: float = 10.0  # ... and at least this often; neither changes results
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,9 +196,13 @@ class Config:
 
 
 CHOICES = {
-    "distill.pool_reset": ("fixed", "reference"),
+    "distill.krr_st.pool_reset": ("fixed", "reference"),
+    "distill.mkdt.init": ("high_loss", "random", "krr_st"),
     "distill.image_space": ("normalized", "reference"),
     "model.pool": ("gap", "flatten"),
+    "model.norm": ("batch", "instance"),
+    "teacher.model.norm": ("batch", "instance"),
+    "evaluate.probe_features": ("gap", "flatten"),
     "teacher.optimizer": ("sgd", "adamw"),
     "teacher.model.pool": ("gap", "flatten"),
 }
@@ -249,17 +325,23 @@ def load_config(preset: str | None = None, overrides: dict[str, Any] | None = No
 
 def validate(cfg: Config) -> None:
     positive = {
-        "data.size": cfg.data.size, "distill.m": cfg.distill.m, "distill.steps": cfg.distill.steps,
-        "distill.batch": cfg.distill.batch, "distill.pool_size": cfg.distill.pool_size,
-        "distill.pool_max_age": cfg.distill.pool_max_age, "teacher.epochs": cfg.teacher.epochs,
+        "data.size": cfg.data.size, "distill.m": cfg.distill.m, "distill.krr_st.steps": cfg.distill.krr_st.steps,
+        "distill.batch": cfg.distill.batch, "distill.krr_st.pool_size": cfg.distill.krr_st.pool_size,
+        "distill.krr_st.pool_max_age": cfg.distill.krr_st.pool_max_age, "distill.target_views": cfg.distill.target_views,
+        "distill.experts.count": cfg.distill.experts.count, "distill.experts.epochs": cfg.distill.experts.epochs,
+        "distill.experts.batch": cfg.distill.experts.batch, "distill.mkdt.iterations": cfg.distill.mkdt.iterations,
+        "distill.mkdt.syn_steps": cfg.distill.mkdt.syn_steps, "distill.mkdt.span": cfg.distill.mkdt.span,
+        "distill.mkdt.max_start_epoch": cfg.distill.mkdt.max_start_epoch,
+        "distill.naive_bilevel.steps": cfg.distill.naive_bilevel.steps,
+        "distill.naive_bilevel.inner_steps": cfg.distill.naive_bilevel.inner_steps, "teacher.epochs": cfg.teacher.epochs,
         "teacher.batch": cfg.teacher.batch, "pretrain.epochs": cfg.pretrain.epochs,
         "pretrain.batch": cfg.pretrain.batch, "evaluate.seeds": cfg.evaluate.seeds,
         "evaluate.finetune_iters": cfg.evaluate.finetune_iters,
         "evaluate.finetune_batch": cfg.evaluate.finetune_batch,
         "evaluate.kd_iters": cfg.evaluate.kd_iters, "evaluate.kd_temperature": cfg.evaluate.kd_temperature,
     }
-    positive.update({"data.heldout": cfg.data.heldout, "distill.check_models": cfg.distill.check_models,
-                     "distill.check_batches": cfg.distill.check_batches, "evaluate.linear_draws": cfg.evaluate.linear_draws,
+    positive.update({"data.heldout": cfg.data.heldout, "distill.krr_st.check_models": cfg.distill.krr_st.check_models,
+                     "distill.krr_st.check_batches": cfg.distill.krr_st.check_batches, "evaluate.linear_draws": cfg.evaluate.linear_draws,
                      "checkpoint_minutes": cfg.checkpoint_minutes})
     for key, value in positive.items():
         if value <= 0:
@@ -269,6 +351,14 @@ def validate(cfg: Config) -> None:
                        "data.target_max_per_class": cfg.data.target_max_per_class}.items():
         if value < 0:
             raise UserError(f"config: {key} must be 0 or more, got {value}")
+    mkdt = cfg.distill.mkdt
+    if mkdt.max_start_epoch + mkdt.span > cfg.distill.experts.epochs:
+        raise UserError(f"config: distill.mkdt.max_start_epoch + distill.mkdt.span = {mkdt.max_start_epoch + mkdt.span} "
+                        f"needs experts of that many epochs, but distill.experts.epochs = {cfg.distill.experts.epochs}")
+    if not 0 <= cfg.evaluate.validation < 0.5:
+        raise UserError(f"config: evaluate.validation must be in [0, 0.5), got {cfg.evaluate.validation}")
+    if not cfg.methods:
+        raise UserError("config: methods must name at least one method")
     if not 0 < cfg.evaluate.test_split < 1:
         raise UserError(f"config: evaluate.test_split must be between 0 and 1, got {cfg.evaluate.test_split}")
     for key in ("evaluate.linear_fractions", "evaluate.finetune_fractions"):

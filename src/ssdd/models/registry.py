@@ -75,6 +75,8 @@ def model_spec(model_cfg: Any, in_channels: int, image_size: int, out_dim: int) 
     spec = {"arch": model_cfg.arch, "in_channels": in_channels, "image_size": image_size, "out_dim": out_dim}
     if model_cfg.arch == "convnet":
         spec.update(widths=list(model_cfg.widths), pool=model_cfg.pool)
+        if getattr(model_cfg, "norm", "batch") != "batch":  # specs of older artifacts stay valid
+            spec["norm"] = model_cfg.norm
     return spec
 
 
