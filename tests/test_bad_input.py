@@ -105,8 +105,8 @@ def tiny_npz(path: Path, n: int = 24, channels: int = 3, size: int = 16, labels:
 def tiny_args(src: Path, tgt: Path) -> list[str]:
     pairs = ["data.size=16", f"data.source={src}", f'data.targets=["{tgt}"]', "data.heldout=8",
              "teacher.epochs=1", "teacher.batch=16", "teacher.projector=[16, 16]", "teacher.model.widths=[8, 8]",
-             "model.widths=[8, 8]", "distill.m=5", "distill.steps=2", "distill.batch=8", "distill.pool_size=2",
-             "distill.pool_max_age=2", "distill.check_models=1", "distill.check_batches=1", "pretrain.epochs=1",
+             "model.widths=[8, 8]", "distill.m=5", "distill.krr_st.steps=2", "distill.batch=8", "distill.krr_st.pool_size=2",
+             "distill.krr_st.pool_max_age=2", "distill.krr_st.check_models=1", "distill.krr_st.check_batches=1", "pretrain.epochs=1",
              "pretrain.batch=8", "evaluate.seeds=1", "evaluate.finetune_iters=2", "evaluate.finetune_batch=8",
              "evaluate.linear_draws=1", "evaluate.finetune_fractions=[1.0]", "evaluate.linear_fractions=[1.0]"]
     return ["--no-progress"] + [x for pair in pairs for x in ("--set", pair)]
@@ -316,7 +316,7 @@ def test_preset_with_unknown_key(tmp_path, capsys):
 def test_preset_with_wrong_type(tmp_path, capsys):
     preset = tmp_path / "typed.toml"
     preset.write_text("[distill]\nsteps = \"many\"\n")
-    expect_error(["run", "--preset", preset, "--out", tmp_path / "o"], capsys, tmp_path, str(preset), "distill.steps")
+    expect_error(["run", "--preset", preset, "--out", tmp_path / "o"], capsys, tmp_path, str(preset), "distill.krr_st.steps")
 
 
 # ---- dataset files with the wrong content -------------------------------------------------
@@ -645,8 +645,8 @@ def test_set_a_whole_section(tmp_path, capsys):
 
 
 def test_unknown_choice_in_set(tmp_path, capsys):
-    expect_error(["run", "--out", tmp_path / "o", "--set", "distill.pool_reset=sometimes"], capsys, tmp_path,
-                 "distill.pool_reset", "sometimes")
+    expect_error(["run", "--out", tmp_path / "o", "--set", "distill.krr_st.pool_reset=sometimes"], capsys, tmp_path,
+                 "distill.krr_st.pool_reset", "sometimes")
 
 
 def test_unknown_protocol_option(tmp_path, capsys):
@@ -693,10 +693,10 @@ def test_cuda_device_without_cuda(tmp_path, capsys, data):
 # ---- wrong types in --set / options -----------------------------------------------------------
 
 @pytest.mark.parametrize("pair,key", [
-    ("distill.steps=abc", "distill.steps"),
+    ("distill.krr_st.steps=abc", "distill.krr_st.steps"),
     ("distill.m=1.5", "distill.m"),
     ("distill.flip=1", "distill.flip"),
-    ("distill.lr_images=fast", "distill.lr_images"),
+    ("distill.krr_st.lr_images=fast", "distill.krr_st.lr_images"),
     ("data.targets=digits", "data.targets"),
     ("model.widths=[8, \"wide\"]", "model.widths"),
     ("seed=true", "seed"),
@@ -722,8 +722,8 @@ def test_wrong_type_in_option(tmp_path, capsys, args, option):
 
 @pytest.mark.parametrize("pair,key", [
     ("distill.m=0", "distill.m"),
-    ("distill.steps=0", "distill.steps"),
-    ("distill.steps=-3", "distill.steps"),
+    ("distill.krr_st.steps=0", "distill.krr_st.steps"),
+    ("distill.krr_st.steps=-3", "distill.krr_st.steps"),
     ("distill.batch=0", "distill.batch"),
     ("teacher.epochs=0", "teacher.epochs"),
     ("pretrain.batch=-1", "pretrain.batch"),
@@ -784,8 +784,8 @@ def test_negative_source_max_per_class(tmp_path, capsys):
 
 def test_zero_check_models(run_copy, tmp_path, capsys):
     out, args = run_copy
-    expect_error(["distill", "--out", out, *args, "--set", "distill.check_models=0"], capsys, tmp_path,
-                 "distill.check_models")
+    expect_error(["distill", "--out", out, *args, "--set", "distill.krr_st.check_models=0"], capsys, tmp_path,
+                 "distill.krr_st.check_models")
 
 
 def test_zero_linear_draws(tmp_path, capsys):
@@ -980,7 +980,7 @@ def test_report_without_results(tmp_path, capsys):
 
 def test_pretrain_stage_without_distilled_set(run_copy, tmp_path, capsys):
     out, args = run_copy
-    expect_error(["pretrain", "--out", out, *args], capsys, tmp_path, str(out / "distilled.safetensors"))
+    expect_error(["pretrain", "--out", out, *args], capsys, tmp_path, str(out / "distilled" / "krr_st.safetensors"))
 
 
 # ---- labels in a prepared target that do not fit ------------------------------------------------

@@ -88,7 +88,7 @@ def test_m_larger_than_source(tmp_path, capsys):
             "--set", "teacher.epochs=1", "--set", "distill.m=50", "--until", "distill"]
     code, lines = run_cli(args, capsys)
     assert_one_line_error(code, lines, "distill.m=50")
-    assert not (out / "distilled.safetensors").exists()
+    assert not (out / "distilled" / "krr_st.safetensors").exists()
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):

@@ -10,22 +10,22 @@ def test_every_preset_resolves_and_has_the_common_keys():
     assert "demo" in available_presets()
     for name in available_presets():
         cfg = load_config(name)
-        assert cfg.distill.m > 0 and cfg.distill.steps > 0 and cfg.distill.batch > 0 and isinstance(cfg.seed, int)
+        assert cfg.distill.m > 0 and cfg.distill.krr_st.steps > 0 and cfg.distill.batch > 0 and isinstance(cfg.seed, int)
 
 
 def test_overrides_are_typed():
-    cfg = load_config("demo", parse_overrides(["distill.steps=7", "distill.lr_images=1", "model.widths=[8, 16]",
+    cfg = load_config("demo", parse_overrides(["distill.krr_st.steps=7", "distill.krr_st.lr_images=1", "model.widths=[8, 16]",
                                                "distill.flip=false", "data.source=digits"]))
-    assert cfg.distill.steps == 7 and cfg.distill.lr_images == 1.0 and isinstance(cfg.distill.lr_images, float)
+    assert cfg.distill.krr_st.steps == 7 and cfg.distill.krr_st.lr_images == 1.0 and isinstance(cfg.distill.krr_st.lr_images, float)
     assert cfg.model.widths == [8, 16] and cfg.distill.flip is False and cfg.data.source == "digits"
 
 
 @pytest.mark.parametrize("pair,needle", [
     ("distill.stepz=3", "unknown key 'distill.stepz'"),
-    ("distill.steps=3.5", "distill.steps expects int"),
-    ("distill.steps=abc", "not a valid int"),
-    ("distill.steps=0", "must be positive"),
-    ("distill.pool_reset=sometimes", "must be one of fixed, reference"),
+    ("distill.krr_st.steps=3.5", "distill.krr_st.steps expects int"),
+    ("distill.krr_st.steps=abc", "not a valid int"),
+    ("distill.krr_st.steps=0", "must be positive"),
+    ("distill.krr_st.pool_reset=sometimes", "must be one of fixed, reference"),
     ("model.widths=[1.5]", "expects int"),
     ("nokey", "expected key=value"),
 ])

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from ssdd.config import DistillConfig
+from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import ImageSet, Normalizer
-from ssdd.distill import distill_krr_st
+from ssdd.distill import DistillContext, Hooks, distill_krr_st, random_index
 from ssdd.models import build
 from ssdd.teacher import FeatureExtractor
 
@@ -20,15 +20,21 @@ def setup():
     torch.manual_seed(123)
     teacher = FeatureExtractor(build({**SPEC, "out_dim": 0, "widths": [6, 6]})).eval()
     norm = Normalizer(*source.mean_std())
-    cfg = DistillConfig(m=8, steps=6, batch=16, lr_images=1e-2, lr_targets=1e-2, pool_size=3, pool_max_age=4)
+    cfg = DistillConfig(m=8, batch=16, krr_st=KrrStConfig(steps=6, lr_images=1e-2, lr_targets=1e-2, pool_size=3,
+                                                          pool_max_age=4))
     return source, teacher, norm, cfg
+
+
+def context(source, teacher, norm, cfg, seed, hooks=None):
+    return DistillContext(source, None, teacher, norm, {**SPEC, "out_dim": 6}, cfg, seed,
+                          random_index(len(source), cfg.m, seed), "cpu", False, hooks or Hooks())
 
 
 def run(seed, **changes):
     source, teacher, norm, cfg = setup()
     for k, v in changes.items():
-        setattr(cfg, k, v)
-    return distill_krr_st(source, teacher, norm, {**SPEC, "out_dim": 6}, cfg, seed, progress=False), source, norm
+        setattr(cfg if hasattr(cfg, k) else cfg.krr_st, k, v)
+    return distill_krr_st(context(source, teacher, norm, cfg, seed)), source, norm
 
 
 def test_same_seed_same_set_and_other_seed_differs():
@@ -59,14 +65,13 @@ def test_reference_pool_reset_reinitialises_more():
 
 def test_resume_from_any_checkpoint_is_bit_identical():
     source, teacher, norm, cfg = setup()
-    cfg.steps = 7
-    spec = {**SPEC, "out_dim": 6}
+    cfg.krr_st.steps = 7
     saved = []
-    full = distill_krr_st(source, teacher, norm, spec, cfg, 3, progress=False,
-                          checkpoint=lambda st: saved.append(copy.deepcopy(st)), checkpoint_due=lambda step: True)
+    full = distill_krr_st(context(source, teacher, norm, cfg, 3, Hooks(
+        checkpoint=lambda st: saved.append(copy.deepcopy(st)), checkpoint_due=lambda step: True)))
     assert [st["step"] for st in saved] == list(range(1, 8))
     for state in (saved[0], saved[3]):
-        resumed = distill_krr_st(source, teacher, norm, spec, cfg, 3, progress=False, resume=state)
+        resumed = distill_krr_st(context(source, teacher, norm, cfg, 3, Hooks(resume=state)))
         assert torch.equal(resumed.images, full.images) and torch.equal(resumed.targets, full.targets)
         assert resumed.losses == full.losses
 
@@ -77,6 +82,6 @@ def test_stop_request_checkpoints_then_stops():
     source, teacher, norm, cfg = setup()
     saved = []
     with pytest.raises(Stopped) as err:
-        distill_krr_st(source, teacher, norm, {**SPEC, "out_dim": 6}, cfg, 0, progress=False,
-                       checkpoint=saved.append, should_stop=lambda: True)
+        distill_krr_st(context(source, teacher, norm, cfg, 0, Hooks(checkpoint=saved.append,
+                                                                     should_stop=lambda: True)))
     assert err.value.step == 1 and [st["step"] for st in saved] == [1]

@@ -23,9 +23,9 @@ def tiny_npz(path: Path, size: int, n: int = 40) -> str:
 
 
 TINY = ["--set", "teacher.epochs=1", "--set", "teacher.batch=16", "--set", "teacher.projector=[32, 32]",
-        "--set", "distill.m=6", "--set", "distill.steps=2", "--set", "distill.batch=8", "--set", "distill.pool_size=2",
-        "--set", "distill.pool_max_age=2", "--set", "distill.check_models=1", "--set", "distill.check_batches=1",
-        "--set", "data.heldout=8"]
+        "--set", "distill.m=6", "--set", "distill.krr_st.steps=2", "--set", "distill.batch=8", "--set", "distill.krr_st.pool_size=2",
+        "--set", "distill.krr_st.pool_max_age=2", "--set", "distill.krr_st.check_models=1", "--set", "distill.krr_st.check_batches=1",
+        "--set", "data.heldout=8", "--set", "evaluate.seeds=1"]
 
 
 @pytest.mark.parametrize("preset,size", [("cifar100", 32), ("tinyimagenet", 64), ("imagenet64", 64)])
@@ -35,7 +35,7 @@ def test_paper_presets_start(preset, size, tmp_path):
     args = ["run", "--preset", preset, "--out", str(out), "--no-progress", "--until", "distill",
             "--set", f"data.source={spec}", "--set", f"data.targets=[\"{spec}\"]", *TINY]
     assert main(args) == 0
-    images, targets, meta = load_distilled(out / "distilled.safetensors")
+    images, targets, meta = load_distilled(out / "distilled" / "krr_st.safetensors")
     assert images.shape == (6, 3, size, size) and targets.shape == (6, 512)  # ResNet-18 teacher: 512-d
     resolved = json.loads((out / "config.distill.json").read_text())["config"]
     assert resolved["distill"]["batch"] == 8 and resolved["teacher"]["model"]["arch"] == "resnet18"
@@ -70,11 +70,11 @@ def test_solo_learn_resnet18_checkpoint_distils(tmp_path):
     torch.save({"state_dict": torchvision_layout(ours), "epoch": 3}, ckpt)
     code, out = run_distill_with_teacher(tmp_path, ckpt, ["--set", "teacher.model.arch=resnet18"])
     assert code == 0
-    _, targets, _ = load_distilled(out / "random_subset.safetensors")
+    _, targets, _ = load_distilled(out / "distilled" / "random_subset.safetensors")
     # The random-subset targets are the teacher's features of real images: same weights, same numbers.
     from ssdd.data import load_dataset, Normalizer
     src = load_dataset(out / "data" / "source_train.safetensors")
-    _, _, meta = load_distilled(out / "random_subset.safetensors")
+    _, _, meta = load_distilled(out / "distilled" / "random_subset.safetensors")
     x = Normalizer(*src.mean_std())(src.images[meta["init_index"]])
     with torch.no_grad():
         torch.testing.assert_close(targets, ours.features(x), rtol=1e-4, atol=1e-4)
@@ -87,7 +87,7 @@ def test_torchscript_teacher(tmp_path):
     path = tmp_path / "teacher.pt"
     torch.jit.script(net).save(str(path))
     code, out = run_distill_with_teacher(tmp_path, path)
-    assert code == 0 and load_distilled(out / "distilled.safetensors")[1].shape == (6, 7)
+    assert code == 0 and load_distilled(out / "distilled" / "krr_st.safetensors")[1].shape == (6, 7)
 
 
 def test_teacher_with_wrong_keys_is_refused(tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_teacher_with_wrong_keys_is_refused(tmp_path, capsys):
     code, out = run_distill_with_teacher(tmp_path, ckpt, ["--set", "teacher.model.arch=resnet18"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "missing" in err and "unexpected ['conv9.weight']" in err
-    assert not (out / "distilled.safetensors").exists()
+    assert not (out / "distilled" / "krr_st.safetensors").exists()
 
 
 class Evil:

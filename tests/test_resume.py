@@ -13,9 +13,9 @@ import pytest
 from ssdd.cli import main
 
 SETTINGS = ["--preset", "demo", "--no-progress", "--set", "teacher.epochs=1", "--set", "data.heldout=300",
-            "--set", "distill.m=20", "--set", "distill.steps=36", "--set", "distill.batch=64",
-            "--set", "distill.pool_max_age=6", "--set", "checkpoint_every=1", "--set", "distill.check_models=1",
-            "--set", "distill.check_batches=1"]
+            "--set", "distill.m=20", "--set", "distill.krr_st.steps=36", "--set", "distill.batch=64",
+            "--set", "distill.krr_st.pool_max_age=6", "--set", "checkpoint_every=1", "--set", "distill.krr_st.check_models=1",
+            "--set", "distill.krr_st.check_batches=1", "--set", "evaluate.seeds=1", "--set", 'methods=["krr_st"]']
 
 
 def distill_cmd(out: Path) -> list[str]:
@@ -23,7 +23,7 @@ def distill_cmd(out: Path) -> list[str]:
 
 
 def newest_step(out: Path) -> int:
-    steps = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob("distill.ckpt-*.json")]
+    steps = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob("distill-krr_st.ckpt-*.json")]
     return max(steps, default=-1)
 
 
@@ -45,7 +45,7 @@ def prepared(tmp_path_factory):
     reference = base.parent / "reference"
     shutil.copytree(base, reference)
     subprocess.run(distill_cmd(reference), check=True, capture_output=True)
-    return base, (reference / "distilled.safetensors").read_bytes()
+    return base, (reference / "distilled" / "krr_st.safetensors").read_bytes()
 
 
 @pytest.mark.slow
@@ -56,11 +56,11 @@ def test_sigkill_at_five_points_then_resume_is_byte_identical(prepared):
     for step, delay in ((2, 0.0), (8, 0.05), (14, 0.11), (21, 0.0), (29, 0.07)):
         result = run_until_step_then_signal(out, step, signal.SIGKILL, delay)
         assert result.returncode == -signal.SIGKILL
-        assert not (out / "distilled.safetensors").exists() or newest_step(out) >= 36
-    assert len(list(out.glob("distill.ckpt-*.pt"))) <= 2  # only the last two are kept
+        assert not (out / "distilled" / "krr_st.safetensors").exists() or newest_step(out) >= 36
+    assert len(list(out.glob("distill-krr_st.ckpt-*.pt"))) <= 2  # only the last two are kept
     subprocess.run(distill_cmd(out), check=True, capture_output=True)
-    assert (out / "distilled.safetensors").read_bytes() == expected
-    assert not list(out.glob("distill.ckpt-*")) and not list(out.rglob(".*.tmp"))
+    assert (out / "distilled" / "krr_st.safetensors").read_bytes() == expected
+    assert not list(out.glob("distill-krr_st.ckpt-*")) and not list(out.rglob(".*.tmp"))
 
 
 @pytest.mark.slow
@@ -71,10 +71,10 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(prepared):
     result = run_until_step_then_signal(out, 10, signal.SIGTERM, 0.03)
     assert result.returncode == 130
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ssdd: distill stopped at step") and "rerun the same command to resume" in last
-    assert not (out / "distilled.safetensors").exists()
+    assert last.startswith("ssdd: distill-krr_st stopped at step") and "rerun the same command to resume" in last
+    assert not (out / "distilled" / "krr_st.safetensors").exists()
     subprocess.run(distill_cmd(out), check=True, capture_output=True)
-    assert (out / "distilled.safetensors").read_bytes() == expected
+    assert (out / "distilled" / "krr_st.safetensors").read_bytes() == expected
 
 
 def test_checkpoint_of_another_config_is_refused(prepared, capsys):
@@ -82,31 +82,6 @@ def test_checkpoint_of_another_config_is_refused(prepared, capsys):
     out = base.parent / "otherconfig"
     shutil.copytree(base, out)
     run_until_step_then_signal(out, 3, signal.SIGKILL, 0.0)
-    code = main(["distill", "--out", str(out), *SETTINGS, "--set", "distill.lr_images=0.5"])
+    code = main(["distill", "--out", str(out), *SETTINGS, "--set", "distill.krr_st.lr_images=0.5"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "different config" in err
-
-
-def test_unit_progress_redoes_only_unfinished_units(tmp_path):
-    from ssdd.errors import Stopped
-    from ssdd.pipeline import Checkpointer, UnitProgress
-
-    calls = []
-
-    def work(name):
-        calls.append(name)
-        return [{"unit": name, "accuracy": 0.5}]
-
-    stop = {"now": False}
-    units = UnitProgress(Checkpointer(tmp_path, "evaluate", "fp", 0, 10.0), lambda: stop["now"])
-    assert units.run("a", lambda: work("a")) == [{"unit": "a", "accuracy": 0.5}]
-    units.run("b", lambda: work("b"))
-    stop["now"] = True
-    with pytest.raises(Stopped):
-        units.run("c", lambda: work("c"))
-    resumed = UnitProgress(Checkpointer(tmp_path, "evaluate", "fp", 0, 10.0), lambda: False)
-    for name in "abc":
-        resumed.run(name, lambda name=name: work(name))
-    assert calls == ["a", "b", "c"]  # a and b came from the checkpoint
-    with pytest.raises(Exception, match="different config"):
-        UnitProgress(Checkpointer(tmp_path, "evaluate", "other", 0, 10.0), lambda: False)

@@ -55,8 +55,8 @@ def test_pretrain_then_evaluate_from_files(tmp_path):
 def test_architecture_transfer_in_the_pipeline(tmp_path):
     out = tmp_path / "run"
     args = ["run", "--preset", "demo", "--out", str(out), "--no-progress", "--set", "teacher.epochs=1",
-            "--set", "data.heldout=300", "--set", "distill.steps=2", "--set", "distill.m=10",
-            "--set", "distill.pool_max_age=2", "--set", "distill.check_models=1", "--set", "pretrain.epochs=1",
+            "--set", "data.heldout=300", "--set", "distill.krr_st.steps=2", "--set", "distill.m=10",
+            "--set", "distill.krr_st.pool_max_age=2", "--set", "distill.krr_st.check_models=1", "--set", "pretrain.epochs=1",
             "--set", "evaluate.seeds=1", "--set", "evaluate.finetune_iters=1", "--set", "evaluate.linear_draws=1",
             "--set", "pretrain.archs=[\"resnet10\"]", "--until", "evaluate"]
     assert main(args) == 0
@@ -70,8 +70,8 @@ def test_architecture_transfer_in_the_pipeline(tmp_path):
 def test_kd_protocol(tmp_path):
     out = tmp_path / "run"
     args = ["run", "--preset", "demo", "--out", str(out), "--no-progress", "--set", "teacher.epochs=1",
-            "--set", "data.heldout=300", "--set", "distill.steps=2", "--set", "distill.m=10",
-            "--set", "distill.pool_max_age=2", "--set", "distill.check_models=1", "--set", "pretrain.epochs=1",
+            "--set", "data.heldout=300", "--set", "distill.krr_st.steps=2", "--set", "distill.m=10",
+            "--set", "distill.krr_st.pool_max_age=2", "--set", "distill.krr_st.check_models=1", "--set", "pretrain.epochs=1",
             "--set", "evaluate.seeds=2", "--set", "evaluate.finetune_iters=3", "--set", "evaluate.kd_iters=3",
             "--set", "evaluate.protocols=[\"kd\"]", "--until", "evaluate"]
     assert main(args) == 0

@@ -115,6 +115,36 @@ def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = ()) -> tup
     return tensors, meta
 
 
+def _header(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError("bad header length")
+            return json.loads(fh.read(n))
+    except (OSError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors file's metadata without reading its tensors (JSON strings decoded)."""
+    meta = {}
+    for key, value in (_header(path).get("__metadata__") or {}).items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return meta
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
+    """Each tensor's shape, from the header only."""
+    return {k: v["shape"] for k, v in _header(path).items() if k != "__metadata__"}
+
+
 # ---- distilled sets -------------------------------------------------------------------
 
 def save_distilled(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor, meta: dict[str, Any]) -> None:

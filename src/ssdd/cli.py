@@ -14,8 +14,8 @@ from ssdd.errors import Stopped, UserError
 STAGE_HELP = {
     "prepare": "prepare the source and target dataset files",
     "teacher": "train the self-supervised teacher (Barlow Twins)",
-    "distill": "distil the source with KRR-ST",
-    "pretrain": "pre-train encoders on the distilled set and the random-subset baseline",
+    "distill": "distil the source with every method in the preset's `methods` (KRR-ST, MKDT, baselines)",
+    "pretrain": "pre-train encoders on each method's distilled sets (one per seed)",
     "evaluate": "transfer evaluation: linear probes and fine-tuning",
     "report": "write report.md with tables and figures",
 }
@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--out", required=out_default is None, default=out_default, help="output folder")
     p.add_argument("--preset", default="demo", help="preset name in configs/ or a .toml file (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.steps=100 (repeatable)")
+                   help="override a config value, e.g. --set distill.krr_st.steps=100 (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", default=None, help="stop after this stage")
     demo = sub.add_parser("demo", help="ssdd run --preset demo --out runs/demo")
     _common(demo, out_default="runs/demo")
+    cmp = sub.add_parser("compare", help="run every stage the methods still miss (resuming), then one table: "
+                         "each method beside random_subset with paired 95 % intervals (compare.md/csv/json/png)")
+    _common(cmp)
+    cmp.add_argument("--methods", nargs="+", help="methods to compare (default: the preset's `methods`)")
+    cmp.add_argument("--paper-table", help="a CSV of published numbers (method,target,protocol,label_fraction,"
+                     "accuracy in %%) shown beside ours, marked as such")
+    diag = sub.add_parser("diagnose", help="diagnostics of the distillation objectives")
+    diag.add_argument("what", choices=["grad-variance"], help="grad-variance: variance of the outer gradient "
+                      "w.r.t. the synthetic images over repeated draws, naive bilevel SSL vs KRR-ST")
+    _common(diag)
+    diag.add_argument("--draws", type=int, default=16, help="gradient draws per method (default 16)")
     return parser
 
 
@@ -104,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             if not args.targets:
                 raise UserError("evaluate: --targets is required with --encoder")
             pipeline.evaluate_files(cfg, args.encoder, args.targets, args.out, args.device, progress)
+        elif args.command == "compare":
+            from ssdd import compare
+            if args.methods:
+                cfg.methods = list(args.methods)
+            compare.run_compare(cfg, args.out, args.paper_table, args.device, progress)
+        elif args.command == "diagnose":
+            if args.draws < 2:
+                raise UserError(f"--draws must be at least 2, got {args.draws}")
+            pipeline.diagnose_grad_variance(cfg, args.out, args.draws, args.device, progress)
         elif args.command in ("run", "demo"):
             pipeline.run_pipeline(cfg, args.out, until=getattr(args, "until", None), device=args.device,
                                   progress=progress)

@@ -46,6 +46,8 @@ class DataConfig:
 @dataclass
 class TeacherConfig:
     path: str = ""  # bring your own teacher (file); empty = train Barlow Twins here
+    # more unlabeled images for the teacher only (source specs; labels never read): a stronger ceiling
+    extra_sources: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 1000
     batch: int = 256

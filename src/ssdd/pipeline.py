@@ -1,8 +1,15 @@
-"""`ssdd run`: the stages in order, each writing its artifacts into one output folder and
-skipped when its artifacts exist for the same configuration.
+"""`ssdd run`: the stages in order for the configured methods, each writing its artifacts into one
+output folder and skipped when they exist for the same configuration.
 
-Each stage saves the resolved config beside its artifacts (``config.<stage>.json``) with a
-fingerprint of the config sections it and its upstream stages depend on.
+Two levels of reuse. Each stage saves the resolved config beside its artifacts
+(``config.<stage>.json``) with a fingerprint of the config sections it depends on. Inside a stage,
+every artifact (a distilled set per method and seed, an encoder, one evaluation unit) carries the
+fingerprint of exactly the keys it depends on, so adding a method, a seed or a target redoes only
+what is new, and a finished method is never redone.
+
+Seeds: seed k (k < evaluate.seeds) is one distillation per method from the paired random draw of
+seed ``seed + k``, its random_subset (that same draw), one pre-training and the label draws of
+seed k. An interval over seeds therefore covers distillation-to-distillation variance.
 """
 
 from __future__ import annotations
@@ -10,8 +17,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,30 +30,42 @@ from ssdd.config import Config, EvaluateConfig, fingerprint, to_dict
 from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
 from ssdd.data.formats import read_source
 from ssdd.data.sources import load_target, target_name
-from ssdd.distill import distill_krr_st, heldout_batches, heldout_losses, initial_set
+from ssdd.distill import registry
+from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, random_index
 from ssdd.errors import Stopped, UserError
-from ssdd.interrupt import StopRequest
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.evaluate.finetune import accuracy, finetune
 from ssdd.evaluate.kd import kd_accuracy
-from ssdd.models import build, encoder_from_artifact, model_spec
+from ssdd.interrupt import StopRequest
+from ssdd.models import Encoder, build, encoder_from_artifact, model_spec
 from ssdd.models import names as model_names
-from ssdd.pretrain import pretrain_encoder
+from ssdd.pretrain import pretrain_encoder, pretrain_ssl
 from ssdd.teacher import as_teacher, is_torchscript, load_teacher, load_teacher_module, train_barlow_twins
 
 log = logging.getLogger("ssdd")
 
 STAGES = ("prepare", "teacher", "distill", "pretrain", "evaluate", "report")
+# The source's keys: targets never reach the teacher or distillation.
+SOURCE_KEYS = ("seed", "data.source", "data.source_max_per_class", "data.size", "data.heldout")
+DISTILL_COMMON = ("distill.m", "distill.batch", "distill.image_space", "distill.flip", "distill.crop_pad",
+                  "distill.target_views")
+PRETRAIN_KEYS = ("pretrain.epochs", "pretrain.batch", "pretrain.lr", "pretrain.momentum", "pretrain.weight_decay")
+TARGET_KEYS = ("data.size", "data.target_max_per_class", "evaluate.test_split")
+EVALUATE_KEYS = tuple(f"evaluate.{f.name}" for f in dataclasses.fields(EvaluateConfig) if f.name != "seeds")
 # The config sections each stage depends on (its own and those upstream).
 SECTIONS = {
     "prepare": ("seed", "data", "evaluate.test_split"),
-    "teacher": ("seed", "data", "teacher"),
-    "distill": ("seed", "data", "teacher", "model", "distill"),
-    "pretrain": ("seed", "data", "teacher", "model", "distill", "pretrain", "evaluate.seeds"),
-    "evaluate": ("seed", "data", "teacher", "model", "distill", "pretrain", "evaluate"),
-    "report": ("seed", "data", "teacher", "model", "distill", "pretrain", "evaluate"),
+    "teacher": SOURCE_KEYS + ("teacher",),
+    "distill": SOURCE_KEYS + ("teacher", "model", "distill", "methods", "evaluate.seeds"),
+    "pretrain": SOURCE_KEYS + ("teacher", "model", "distill", "methods", "evaluate.seeds", "pretrain"),
+    "evaluate": ("seed", "data", "teacher", "model", "distill", "methods", "pretrain", "evaluate"),
+    "report": ("seed", "data", "teacher", "model", "distill", "methods", "pretrain", "evaluate"),
 }
-METHODS = ("krr_st", "random_subset", "no_pretrain", "full_ssl")
+INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random draw (shared with that seed's "
+                 "random_subset), the distillation's own randomness, the pre-training initialisation and the label "
+                 "draws. The 95 % interval is a paired t-interval over seeds, so it covers distillation-to-distillation "
+                 "variance; full_ssl is one encoder (the teacher), its seeds vary the evaluation only; MKDT's "
+                 "experts are trained once per run and shared by every seed.")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -60,15 +79,29 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise UserError(f"--device {name}: not a device (expected auto, cpu, cuda or cuda:N)") from None
 
 
+def _suffix(k: int) -> str:
+    return f".seed{k}" if k else ""
+
+
 def encoder_path(out: Path, method: str, k: int, arch: str | None = None) -> Path:
     """``encoders/<method>.safetensors`` for the first seed, ``<method>.seed<k>.safetensors`` after;
     ``<method>@<arch>...`` for the extra architectures of architecture transfer."""
-    name = method + (f"@{arch}" if arch else "") + (f".seed{k}" if k else "")
-    return out / "encoders" / f"{name}.safetensors"
+    return out / "encoders" / f"{method}{'@' + arch if arch else ''}{_suffix(k)}.safetensors"
+
+
+def distilled_path(out: Path, method: str, k: int) -> Path:
+    """``distilled/<method>.safetensors`` for the first seed, ``<method>.seed<k>.safetensors`` after."""
+    return out / "distilled" / f"{method}{_suffix(k)}.safetensors"
+
+
+def unique_target_names(specs: list[str]) -> dict[str, str]:
+    """Short names for targets; two specs with the same file stem get a hash suffix each."""
+    stems = [target_name(s) for s in specs]
+    return {s: (n if stems.count(n) == 1 else f"{n}-{fingerprint({'spec': s})[:6]}") for s, n in zip(specs, stems)}
 
 
 class Checkpointer:
-    """Periodic checkpoints of one stage in its output folder (every N steps and every M minutes)."""
+    """Periodic checkpoints of one loop in its output folder (every N steps and every M minutes)."""
 
     def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float):
         self.out, self.stage, self.fingerprint, self.every, self.minutes = out, stage, fingerprint, every, minutes
@@ -93,26 +126,6 @@ class Checkpointer:
         artifacts.clear_checkpoints(self.out, self.stage)
 
 
-class UnitProgress:
-    """Resumable progress over independent units of work (one encoder, one evaluation): each
-    finished unit's result is checkpointed at once, so a rerun after a crash or a stop redoes at
-    most the unit that was running."""
-
-    def __init__(self, ckpt: Checkpointer, stop: Callable[[], bool]):
-        self.ckpt, self.stop = ckpt, stop
-        state = ckpt.load()
-        self.done: dict[str, Any] = dict(state["units"]) if state else {}
-
-    def run(self, key: str, work: Callable[[], Any], intact: Callable[[], bool] = lambda: True) -> Any:
-        if key in self.done and intact():
-            return self.done[key]
-        if self.stop():
-            raise Stopped(self.ckpt.stage, len(self.done), str(self.ckpt.out))
-        self.done[key] = work()
-        self.ckpt.save({"step": len(self.done), "units": self.done})
-        return self.done[key]
-
-
 class Run:
     """One pipeline run in one output folder."""
 
@@ -126,48 +139,83 @@ class Run:
         unknown = [a for a in cfg.pretrain.archs if a not in model_names()]
         if unknown:
             raise UserError(f"config: pretrain.archs: unknown architecture(s) {unknown} (available: {', '.join(model_names())})")
+        self.methods = [registry.get(name) for name in cfg.methods]  # unknown names fail here, before any work
+        if len(set(cfg.methods)) != len(cfg.methods):
+            raise UserError(f"config: methods lists a method twice: {cfg.methods}")
+        self.target_names = unique_target_names(cfg.data.targets)
+        self.stop: Callable[[], bool] = lambda: False
 
     # ---- bookkeeping ------------------------------------------------------------------
-    def _section_fingerprint(self, stage: str) -> str:
-        full = to_dict(self.cfg)
-        picked = {}
-        for key in SECTIONS[stage]:
+    def _fp(self, keys: tuple[str, ...], **extra: Any) -> str:
+        full, picked = to_dict(self.cfg), dict(extra)
+        for key in keys:
             value = full
             for part in key.split("."):
                 value = value[part]
             picked[key] = value
         return fingerprint(picked)
 
+    def _section_fingerprint(self, stage: str) -> str:
+        return self._fp(SECTIONS[stage])
+
+    def seeds(self) -> range:
+        return range(self.cfg.evaluate.seeds)
+
+    def set_methods(self) -> list[registry.Method]:
+        return [m for m in self.methods if m.kind == "set"]
+
+    def method_fp(self, method: registry.Method, k: int) -> str:
+        keys = SOURCE_KEYS + ("teacher", "model") + DISTILL_COMMON + method.needs
+        keys += tuple(n for p in method.prep for n in registry.get_prep(p).needs)
+        return self._fp(keys, method=method.name, k=k)
+
+    def prep_fp(self, name: str) -> str:
+        return self._fp(SOURCE_KEYS + ("teacher", "model") + DISTILL_COMMON + registry.get_prep(name).needs, prep=name)
+
+    def encoder_fp(self, method: registry.Method, k: int, arch: str | None) -> str:
+        if method.name == "full_ssl":
+            return self._fp(SOURCE_KEYS + ("teacher",), method="full_ssl")
+        if method.name == "no_pretrain":
+            return self._fp(("seed", "model"), method="no_pretrain", k=k, arch=arch)
+        return self._fp(PRETRAIN_KEYS, set=self.method_fp(method, k), arch=arch)
+
+    def encoder_seeds(self, method: registry.Method) -> range:
+        return range(1) if method.name == "full_ssl" else self.seeds()
+
     def outputs(self, stage: str) -> list[Path]:
-        o, seeds = self.out, range(self.cfg.evaluate.seeds)
+        o = self.out
         return {
             "prepare": [self.data_dir / "source_train.safetensors", self.data_dir / "source_heldout.safetensors"]
             + [p for t in self.cfg.data.targets for p in self.target_paths(t)],
             "teacher": [self.teacher_file()],
-            "distill": [o / "distilled.safetensors", o / "random_subset.safetensors", o / "distill_log.json",
-                        o / "distill_check.json"],
-            "pretrain": [encoder_path(o, m, k, a) for m in METHODS[:3] for k in seeds for a in self.archs()]
-            + [o / "pretrain_log.json"] + ([encoder_path(o, "full_ssl", 0)] if self.teacher_is_encoder() else []),
+            "distill": [distilled_path(o, m.name, k) for m in self.set_methods() for k in self.seeds()],
+            "pretrain": [encoder_path(o, m.name, k, a) for m in self.methods for a in self.archs(m)
+                         for k in self.encoder_seeds(m) if not (m.name == "full_ssl" and not self.teacher_is_encoder())]
+            + [o / "pretrain_log.json"],
             "evaluate": [o / "results.json", o / "results.csv"],
             "report": [o / "report.md"],
         }[stage]
 
-    def archs(self) -> list[str | None]:
+    def archs(self, method: registry.Method | None = None) -> list[str | None]:
         """None (the configured student, ``model.arch``) and the extra architectures to transfer to."""
+        if method is not None and method.name == "full_ssl":
+            return [None]
         return [None, *self.cfg.pretrain.archs]
 
-    def checkpointer(self, stage: str) -> "Checkpointer":
-        return Checkpointer(self.out, stage, self._section_fingerprint(stage), self.cfg.checkpoint_every,
+    def checkpointer(self, name: str, fp: str | None = None) -> Checkpointer:
+        return Checkpointer(self.out, name, fp or self._section_fingerprint(name), self.cfg.checkpoint_every,
                             self.cfg.checkpoint_minutes)
 
-    def _resumable(self, stage: str, loop: Callable[..., Any]) -> tuple[Checkpointer, Any]:
-        """Run a step loop with this stage's checkpoint hooks (resume, periodic saves, stop on a signal)."""
-        ckpt = self.checkpointer(stage)
+    def _resumable(self, name: str, fp: str, loop: Callable[[Hooks], Any]) -> Any:
+        """Run a step loop with checkpoint hooks (resume, periodic saves, stop on a signal); clear
+        its checkpoints once the caller has saved the result."""
+        ckpt = self.checkpointer(name, fp)
         with StopRequest() as stop:
             try:
-                return ckpt, loop(resume=ckpt.load(), checkpoint=ckpt.save, checkpoint_due=ckpt.due, should_stop=stop)
+                result = loop(Hooks(ckpt.load(), ckpt.save, ckpt.due, stop))
             except Stopped as err:
-                raise Stopped(stage, err.step, str(self.out)) from None
+                raise Stopped(name, err.step, str(self.out)) from None
+        return ckpt, result
 
     def teacher_is_encoder(self) -> bool:
         return not (self.cfg.teacher.path and is_torchscript(Path(self.cfg.teacher.path)))
@@ -177,7 +225,7 @@ class Run:
         return self.out / ("teacher.safetensors" if self.teacher_is_encoder() else "teacher.torchscript.pt")
 
     def target_paths(self, target: str) -> tuple[Path, Path]:
-        name = target_name(target)
+        name = self.target_names[target]
         return self.data_dir / f"target_{name}_train.safetensors", self.data_dir / f"target_{name}_test.safetensors"
 
     def is_done(self, stage: str) -> bool:
@@ -200,26 +248,50 @@ class Run:
         for stale in self.out.rglob(".*.tmp") if self.out.is_dir() else []:
             stale.unlink(missing_ok=True)  # a temp file left by a killed write is never an artifact
         for stage in stages:
+            if stage != "prepare":
+                self.preflight()
             if self.is_done(stage):
                 log.info("%-8s skipped: artifacts exist for this config", stage)
                 continue
             start = time.perf_counter()
             existed = {p for p in self.outputs(stage) if p.exists()}
             try:
-                getattr(self, f"stage_{stage}")()
+                with StopRequest() as stop:
+                    self.stop = stop
+                    getattr(self, f"stage_{stage}")()
             except BaseException:
-                if artifacts.has_checkpoint(self.out, stage):
-                    raise  # resumable: what was written is the progress the checkpoint describes
-                # never leave a stage half done: remove what this attempt wrote
-                for path in self.outputs(stage):
-                    if path not in existed:
-                        try:
-                            path.unlink(missing_ok=True)
-                        except OSError:
-                            pass
+                if stage == "prepare":  # never half prepared; later stages keep each finished, fingerprinted unit
+                    for path in self.outputs(stage):
+                        if path not in existed:
+                            try:
+                                path.unlink(missing_ok=True)
+                            except OSError:
+                                pass
                 raise
             self.mark_done(stage)
             log.info("%-8s done in %.1f s", stage, time.perf_counter() - start)
+
+    def preflight(self) -> None:
+        """What can be checked before hours of work: the budget m against the prepared source."""
+        path = self.data_dir / "source_train.safetensors"
+        if path.is_file():
+            n = int(artifacts.read_meta(path).get("count", 0)) or len(load_dataset(path))
+            if self.cfg.distill.m > n and self.set_methods():
+                raise UserError(f"config: distill.m={self.cfg.distill.m} is larger than the source ({n} images)")
+
+    def _check_stop(self, stage: str, done: int) -> None:
+        if self.stop():
+            raise Stopped(stage, done, str(self.out))
+
+    def _fresh(self, path: Path, fp: str) -> bool:
+        """An artifact exists and was made for this fingerprint (then it is reused, not redone)."""
+        if not path.is_file():
+            return False
+        try:
+            meta = artifacts.read_json(path) if path.suffix == ".json" else artifacts.read_meta(path)
+        except UserError:
+            return False
+        return meta.get("fingerprint") == fp
 
     # ---- stages -----------------------------------------------------------------------
     def stage_prepare(self) -> None:
@@ -229,6 +301,9 @@ class Run:
             raise UserError(f"config: data.heldout={data.heldout} leaves no source images ({len(source)} in all)")
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(self.cfg.seed))
         unlabeled = ImageSet(source.images, None, [], source.name)  # the source's labels are never read
+        if self.set_methods() and self.cfg.distill.m > len(source) - data.heldout:
+            raise UserError(f"config: distill.m={self.cfg.distill.m} is larger than the source "
+                            f"({len(source) - data.heldout} images after data.heldout={data.heldout})")
         save_dataset(self.data_dir / "source_train.safetensors", unlabeled.subset(order[data.heldout:]))
         save_dataset(self.data_dir / "source_heldout.safetensors", unlabeled.subset(order[:data.heldout]))
         for target in data.targets:
@@ -260,115 +335,195 @@ class Run:
             else:
                 artifacts.write_bytes(self.teacher_file(), Path(self.cfg.teacher.path).read_bytes())
             return
-        ckpt, result = self._resumable("teacher", lambda **hooks: train_barlow_twins(
-            data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress, **hooks))
+        if self.cfg.teacher.extra_sources:
+            extra = [load_source(spec, self.cfg.data.size, "train").images for spec in self.cfg.teacher.extra_sources]
+            data = ImageSet(torch.cat([data.images, *extra]), None, [], "teacher_images")
+            log.info("teacher  trains on %d unlabeled images (source + teacher.extra_sources)", len(data))
+        ckpt, result = self._resumable("teacher", self._section_fingerprint("teacher"), lambda hooks: train_barlow_twins(
+            data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress, hooks.resume, hooks.checkpoint,
+            hooks.checkpoint_due, hooks.should_stop))
         artifacts.save_encoder(self.out / "teacher.safetensors", result.encoder, result.spec,
                                {"method": "barlow_twins", "source": self.cfg.data.source, "seed": self.cfg.seed,
+                                "extra_sources": self.cfg.teacher.extra_sources, "images_seen": len(data),
                                 "loss_curve": result.losses})
         ckpt.clear()
 
-    def _teacher(self, channels: int, size: int):
+    def _teacher(self, channels: int, size: int) -> tuple[torch.nn.Module, int]:
         path = self.teacher_file()
         if not path.is_file():
             raise UserError(f"{path}: not found; run `ssdd teacher` into this --out folder first")
         if self.teacher_is_encoder():
-            return load_teacher(path, channels, size, self.device)
-        teacher, dim = as_teacher(torch.jit.load(str(path), map_location=self.device), channels, size, str(path), self.device)
-        return teacher, dim, {}
+            teacher, dim, _ = load_teacher(path, channels, size, self.device)
+            return teacher, dim
+        return as_teacher(torch.jit.load(str(path), map_location=self.device), channels, size, str(path), self.device)
+
+    def distill_context(self, source: ImageSet, heldout: ImageSet, cache: dict) -> DistillContext:
+        """The context of the first seed; :meth:`for_seed` derives the others."""
+        c, h, _ = source.shape
+        teacher, dim = self._teacher(c, h)
+        spec = model_spec(self.cfg.model, c, h, out_dim=dim)
+        return DistillContext(source, heldout, teacher.eval(), self._source_norm(source), spec, self.cfg.distill,
+                              self.cfg.seed, random_index(len(source), self.cfg.distill.m, self.cfg.seed), self.device,
+                              self.progress, cache=cache)
+
+    def for_seed(self, ctx: DistillContext, k: int) -> DistillContext:
+        seed = self.cfg.seed + k
+        return dataclasses.replace(ctx, seed=seed, init_index=random_index(len(ctx.source), self.cfg.distill.m, seed),
+                                   heldout=ctx.heldout if k == 0 else None)  # the held-out check: first seed only
 
     def stage_distill(self) -> None:
-        cfg = self.cfg
         source, heldout = self._source("train"), self._source("heldout")
-        norm = self._source_norm(source)
-        c, h, _ = source.shape
-        teacher, dim, _ = self._teacher(c, h)
-        spec = model_spec(cfg.model, c, h, out_dim=dim)
-        ckpt, result = self._resumable("distill", lambda **hooks: distill_krr_st(
-            source, teacher, norm, spec, cfg.distill, cfg.seed, self.device, self.progress, **hooks))
-        if not (torch.isfinite(result.images).all() and torch.isfinite(result.targets).all()):
-            raise UserError("distill: the synthetic set holds NaN/inf after the last step; lower distill.lr_images "
-                            "(nothing was written)")
-        meta = {"source": cfg.data.source, "teacher": cfg.teacher.path or self.teacher_file().name, "seed": cfg.seed,
-                "image_space": cfg.distill.image_space, "mean": norm.mean.flatten().tolist(),
-                "std": norm.std.flatten().tolist(), "model_spec": spec, "config": to_dict(cfg)}
+        base = self.distill_context(source, heldout, cache={})
+        for method in self.set_methods():
+            prep = {name: self._prep(name, base) for name in method.prep}
+            for k in self.seeds():
+                path, fp = distilled_path(self.out, method.name, k), self.method_fp(method, k)
+                if self._fresh(path, fp):
+                    log.info("distill  %s seed %d: exists", method.name, k)
+                    continue
+                self._check_stop("distill", k)
+                ctx = dataclasses.replace(self.for_seed(base, k), prep=prep)
+                start = time.perf_counter()
+                ckpt, result = self._resumable(f"distill-{method.name}{_suffix(k)}", fp,
+                                               lambda hooks: method.run(dataclasses.replace(ctx, hooks=hooks)))
+                self._save_set(path, method.name, k, fp, result, ctx, time.perf_counter() - start)
+                ckpt.clear()
+
+    def _prep(self, name: str, base: DistillContext) -> dict[str, torch.Tensor]:
+        """A preparatory stage's artifact (``distilled/prep/<name>.safetensors``), made once and reused."""
+        path, fp = self.out / "distilled" / "prep" / f"{name}.safetensors", self.prep_fp(name)
+        if self._fresh(path, fp):
+            return artifacts.load_tensors(path)[0]
+        start = time.perf_counter()
+        ckpt, tensors = self._resumable(f"prep-{name}", fp, lambda hooks: registry.get_prep(name).run(
+            dataclasses.replace(base, hooks=hooks)))
+        artifacts.save_tensors(path, tensors, {"kind": "prep", "name": name, "fingerprint": fp})
+        self.record_time(f"prep/{name}", time.perf_counter() - start)
+        ckpt.clear()
+        return tensors
+
+    def _save_set(self, path: Path, name: str, k: int, fp: str, result: DistilledSet, ctx: DistillContext,
+                  wall: float) -> None:
+        targets = result.targets if result.targets is not None else torch.zeros(len(result.images), 0)
+        if not (torch.isfinite(result.images).all() and torch.isfinite(targets).all()):
+            raise UserError(f"distill: {name} (seed {k}) ended with NaN/inf in its set; lower its learning rates "
+                            f"in distill.{name} (nothing was written)")
+        cfg, norm = self.cfg, ctx.norm
         space_note = ("normalised: (pixel/255 - mean) / std" if cfg.distill.image_space == "normalized"
                       else "reference: raw pixel/255 in [0,1], not normalised (as the reference code)")
-        meta["image_space_note"] = space_note
-        artifacts.save_distilled(self.out / "distilled.safetensors", result.images, result.targets,
-                                 {**meta, "method": "krr_st", "steps": cfg.distill.steps,
-                                  "init_index": result.init_index.tolist()})
-        artifacts.save_distilled(self.out / "random_subset.safetensors", result.init_images, result.init_targets,
-                                 {**meta, "method": "random_subset", "steps": 0,
-                                  "init_index": result.init_index.tolist()})
-        artifacts.write_json(self.out / "distill_log.json", {"loss": result.losses, "pool_reinits": result.pool_reinits})
-        batches = heldout_batches(heldout, teacher, norm, cfg.distill, cfg.seed + 7, self.device)
-        _, other_images, other_targets = initial_set(source, teacher, norm, cfg.distill.m, cfg.seed + 13,
-                                                     cfg.distill.image_space, self.device)
-        losses = heldout_losses({"distilled": (result.images, result.targets),
-                                 "init": (result.init_images, result.init_targets),
-                                 "other": (other_images, other_targets)},
-                                batches, spec, cfg.distill, cfg.seed, self.device)
-        ckpt.clear()
-        artifacts.write_json(self.out / "distill_check.json", {
-            "heldout_loss_init": losses["init"],
-            "heldout_loss_distilled": losses["distilled"],
-            "heldout_loss_random_subset": losses["init"],
-            "heldout_loss_other_random_subset": losses["other"],
-            "note": "random_subset is the distillation's initial images with teacher targets, so its loss equals "
-                    "heldout_loss_init by construction; heldout_loss_other_random_subset is an independent draw "
-                    f"of m={cfg.distill.m} images. Measured on {cfg.distill.check_batches} fixed augmented "
-                    f"batches of {len(heldout)} held-out images with {cfg.distill.check_models} fresh models.",
-        })
+        meta = {"method": name, "seed": ctx.seed, "k": k, "fingerprint": fp, "objective": result.objective,
+                "lr": result.lr, "source": cfg.data.source, "teacher": cfg.teacher.path or self.teacher_file().name,
+                "image_space": cfg.distill.image_space, "image_space_note": space_note,
+                "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist(), "model_spec": ctx.spec,
+                **result.meta}
+        artifacts.save_distilled(path, result.images, targets, meta)
+        self.record_time(f"distill/{name}/seed{k}", wall)
 
+    def record_time(self, key: str, seconds: float) -> None:
+        """Wall times live in ``timings.json``, not in artifacts, so that artifacts stay byte-reproducible."""
+        path = self.out / "timings.json"
+        times = artifacts.read_json(path) if path.is_file() else {}
+        times[key] = round(seconds, 1)
+        artifacts.write_json(path, times)
+
+    # ---- pretrain ---------------------------------------------------------------------
     def stage_pretrain(self) -> None:
-        cfg, logs = self.cfg, {}
-        with StopRequest() as stop:
-            units = UnitProgress(self.checkpointer("pretrain"), stop)
-            for method in ("krr_st", "random_subset"):
-                path = self.out / ("distilled.safetensors" if method == "krr_st" else "random_subset.safetensors")
-                if not path.is_file():
-                    raise UserError(f"{path}: not found; run `ssdd distill` into this --out folder first")
-                for arch in self.archs():
-                    logs.update(pretrain_seeds(cfg, path, self.out, self.device, self.progress, arch, units))
-        images, _, meta = artifacts.load_distilled(path)
-        for arch in self.archs():
-            spec = {**(meta["model_spec"] if arch is None else arch_spec(arch, images)), "out_dim": 0}
-            for k in range(cfg.evaluate.seeds):
-                torch.manual_seed(cfg.seed + k)
-                artifacts.save_encoder(encoder_path(self.out, "no_pretrain", k, arch), build(spec), spec,
-                                       {"method": "no_pretrain", "seed": cfg.seed + k})
-        if self.teacher_is_encoder():
-            shutil.copyfile(self.teacher_file(), encoder_path(self.out, "full_ssl", 0))
-        artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": logs})
-        units.ckpt.clear()
+        curves: dict[str, list[float]] = {}
+        for method in self.methods:
+            for arch in self.archs(method):
+                for k in self.encoder_seeds(method):
+                    path, fp = encoder_path(self.out, method.name, k, arch), self.encoder_fp(method, k, arch)
+                    key = f"{method.name}{'@' + arch if arch else ''}/seed{k}"
+                    if method.name == "full_ssl" and not self.teacher_is_encoder():
+                        continue  # a TorchScript teacher is evaluated from its own file
+                    if not self._fresh(path, fp):
+                        self._check_stop("pretrain", len(curves))
+                        self._make_encoder(method, k, arch, path, fp)
+                    curve = artifacts.read_meta(path).get("loss_curve")
+                    if curve:
+                        curves[key] = curve
+        artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": curves})
 
-    def _targets(self) -> list[Target]:
+    def _make_encoder(self, method: registry.Method, k: int, arch: str | None, path: Path, fp: str) -> None:
+        cfg = self.cfg
+        meta = {"method": method.name, "seed": cfg.seed + k, "fingerprint": fp}
+        if method.name == "full_ssl":  # the teacher itself: the ceiling
+            encoder, emeta = encoder_from_artifact(self.teacher_file(), "cpu")
+            artifacts.save_encoder(path, encoder, emeta["model_spec"], meta)
+            return
+        if method.name == "no_pretrain":
+            c, h, _ = self._source_shape()
+            spec = {**(model_spec(cfg.model, c, h, 0) if arch is None else arch_spec(arch, c, h)), "out_dim": 0}
+            torch.manual_seed(cfg.seed + k)
+            artifacts.save_encoder(path, build(spec), spec, meta)
+            return
+        set_path = distilled_path(self.out, method.name, k)
+        if not set_path.is_file():
+            raise UserError(f"{set_path}: not found; run `ssdd distill` into this --out folder first")
+        encoder, curve, spec = pretrain_set(cfg, set_path, cfg.seed + k, self.device, self.progress, arch)
+        artifacts.save_encoder(path, encoder, spec, {**meta, "distilled_set": set_path.name, "loss_curve": curve})
+
+    def _source_shape(self) -> tuple[int, int, int]:
+        shapes = artifacts.tensor_shapes(self.data_dir / "source_train.safetensors")
+        return tuple(shapes["images"][1:])  # type: ignore[return-value]
+
+    # ---- evaluate ---------------------------------------------------------------------
+    def _targets(self) -> list[tuple[str, Target]]:
         out = []
-        for target in self.cfg.data.targets:
-            train_path, test_path = self.target_paths(target)
-            out.append(Target(target_name(target), load_dataset(train_path), load_dataset(test_path)))
+        for spec in self.cfg.data.targets:
+            train_path, test_path = self.target_paths(spec)
+            out.append((spec, Target(self.target_names[spec], load_dataset(train_path), load_dataset(test_path))))
         return out
 
+    def _encoder(self, method: registry.Method, k: int, arch: str | None) -> torch.nn.Module:
+        if method.name == "full_ssl" and not self.teacher_is_encoder():
+            c, h, _ = self._source_shape()
+            teacher, dim = self._teacher(c, h)
+            return Encoder(teacher, dim, 0).eval()
+        path = encoder_path(self.out, method.name, k, arch)
+        if not path.is_file():
+            raise UserError(f"{path}: encoder missing for method {method.name} seed {k}; run `ssdd pretrain` "
+                            "into this --out folder first")
+        return encoder_from_artifact(path, self.device)[0]
+
     def stage_evaluate(self) -> None:
+        cfg, rows = self.cfg, []
         targets = self._targets()
-        with StopRequest() as stop:
-            units = UnitProgress(self.checkpointer("evaluate"), stop)
-            rows = evaluate_all(self.out, METHODS, self.cfg, targets, str(self.device), self.progress, units=units)
-            if "kd" in self.cfg.evaluate.protocols:
-                rows += units.run("kd", lambda: self._kd_rows(targets))
-            finetune_only = dataclasses.replace(self.cfg.evaluate, protocols=["finetune"])  # the paper's transfer table
-            for arch in self.cfg.pretrain.archs:
-                rows += evaluate_all(self.out, METHODS[:3], self.cfg, targets, str(self.device), self.progress, arch,
-                                     finetune_only, units)
+        for arch in [None, *cfg.pretrain.archs]:
+            eval_cfg = cfg.evaluate if arch is None else dataclasses.replace(cfg.evaluate, protocols=["finetune"])
+            group = arch or cfg.model.arch  # the table compares methods within a group
+            for method in self.methods:
+                if arch not in self.archs(method):
+                    continue
+                for k in self.seeds():
+                    enc_k = 0 if method.name == "full_ssl" else k
+                    encoder = None
+                    for spec, target in targets:
+                        unit = self.out / "evaluations" / group / f"{method.name}{_suffix(k)}.{target.name}.json"
+                        fp = self._fp(EVALUATE_KEYS + TARGET_KEYS, encoder=self.encoder_fp(method, enc_k, arch),
+                                      target=spec, k=k, arch=arch)
+                        if self._fresh(unit, fp):
+                            rows += artifacts.read_json(unit)["rows"]
+                            continue
+                        self._check_stop("evaluate", len(rows))
+                        encoder = encoder if encoder is not None else self._encoder(method, enc_k, arch)
+                        new = [{**row, "group": group} for row in evaluate_encoder(
+                            method.name, cfg.seed + k, encoder, target, eval_cfg, str(self.device), self.progress)]
+                        artifacts.write_json(unit, {"fingerprint": fp, "rows": new})
+                        rows += new
+        if "kd" in cfg.evaluate.protocols:
+            rows += self._kd_rows([t for _, t in targets])
         write_results(self.out, rows)
-        units.ckpt.clear()
 
     def _kd_rows(self, targets: list[Target]) -> list[dict]:
         """Protocol "kd": each pre-trained student learns the target from a supervised teacher using
         only its own distilled set's images; a randomly initialised student on Gaussian noise is the baseline."""
         cfg, dev = self.cfg, str(self.device)
-        sets = {m: artifacts.load_distilled(self.out / f) for m, f in
-                (("krr_st", "distilled.safetensors"), ("random_subset", "random_subset.safetensors"))}
+        unit = self.out / "evaluations" / "kd.json"
+        fp = self._fp(EVALUATE_KEYS + TARGET_KEYS + ("data.targets",),
+                      encoders=[self.encoder_fp(m, k, None) for m in self.set_methods() for k in self.seeds()])
+        if self._fresh(unit, fp):
+            return artifacts.read_json(unit)["rows"]
         rows = []
         for target in targets:
             norm = Normalizer(*target.train.mean_std(), device=dev)
@@ -383,53 +538,37 @@ class Run:
                    "group": cfg.model.arch}
             rows.append({**row, "method": "supervised_teacher", "seed": cfg.seed,
                          "accuracy": accuracy(teacher, target.test, norm, dev)})
-            transfer = {}
-            for method, (images, _, meta) in sets.items():
-                if images.shape[1:] != target.train.images.shape[1:]:
-                    raise UserError(f"target {target.name}: kd needs distilled images shaped like the target's "
-                                    f"{list(target.train.shape)}, got {list(images.shape[1:])}")
-                unit = images if meta.get("image_space") != "normalized" else Normalizer(meta["mean"], meta["std"]).to_unit(images)
-                transfer[method] = norm.normalize_unit(unit.to(dev))
-            noise = torch.randn(transfer["krr_st"].shape, generator=torch.Generator().manual_seed(cfg.seed)).to(dev)
-            for k in range(cfg.evaluate.seeds):
-                for method, images, student_method in (("krr_st", transfer["krr_st"], "krr_st"),
-                                                       ("random_subset", transfer["random_subset"], "random_subset"),
-                                                       ("gaussian_noise", noise, "no_pretrain")):
-                    student = encoder_from_artifact(encoder_path(self.out, student_method, k), dev)[0]
+            for k in self.seeds():
+                students = []
+                for method in self.set_methods():
+                    images, _, meta = artifacts.load_distilled(distilled_path(self.out, method.name, k))
+                    if images.shape[1:] != target.train.images.shape[1:]:
+                        raise UserError(f"target {target.name}: kd needs distilled images shaped like the target's "
+                                        f"{list(target.train.shape)}, got {list(images.shape[1:])}")
+                    unit_images = images if meta.get("image_space") != "normalized" else \
+                        Normalizer(meta["mean"], meta["std"]).to_unit(images)
+                    students.append((method.name, norm.normalize_unit(unit_images.to(dev)),
+                                     self._encoder(method, k, None)))
+                if students:
+                    noise = torch.randn(students[0][1].shape, generator=torch.Generator().manual_seed(cfg.seed + k))
+                    torch.manual_seed(cfg.seed + k)
+                    students.append(("gaussian_noise", noise.to(dev), build(model_spec(cfg.model, c, h, 0)).to(dev)))
+                for name, images, student in students:
                     acc = kd_accuracy(student, teacher, images, target.test, norm, cfg.evaluate, cfg.seed + k, dev,
-                                      self.progress, desc=f"kd {method} s{k}")
-                    rows.append({**row, "method": method, "seed": cfg.seed + k, "accuracy": acc})
+                                      self.progress, desc=f"kd {name} s{k}")
+                    rows.append({**row, "method": name, "seed": cfg.seed + k, "accuracy": acc})
+        artifacts.write_json(unit, {"fingerprint": fp, "rows": rows})
         return rows
 
     def stage_report(self) -> None:
-        report.write_report(self.out)
-
-
-def evaluate_all(out: Path, methods: tuple[str, ...], cfg: Config, targets: list[Target], device: str,
-                 progress: bool, arch: str | None = None, eval_cfg: EvaluateConfig | None = None,
-                 units: UnitProgress | None = None) -> list[dict]:
-    """Each method's encoder for each seed (full_ssl: one encoder, seeds vary the evaluation only)."""
-    rows = []
-    group = arch or cfg.model.arch  # the table compares methods within a group; full_ssl's own arch is the teacher's
-    for k in range(cfg.evaluate.seeds):
-        for method in methods:
-            path = encoder_path(out, method, k, arch)
-            path = path if path.exists() else encoder_path(out, method, 0, arch)
-            encoder, _ = encoder_from_artifact(path, device)
-            for target in targets:
-                def work(target: Target = target) -> list[dict]:
-                    return [{**row, "group": group} for row in
-                            evaluate_encoder(method, cfg.seed + k, encoder, target, eval_cfg or cfg.evaluate, device,
-                                             progress)]
-                key = f"{group}/{method}/seed{k}/{target.name}"
-                rows += units.run(key, work) if units else work()
-    return rows
+        report.write_report(self.out, methods=list(self.cfg.methods), interval_note=INTERVAL_NOTE)
 
 
 def write_results(out: Path, rows: list[dict]) -> None:
     artifacts.write_json(out / "results.json", rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["method"])
+    fields = list(dict.fromkeys(key for row in rows for key in row)) or ["method"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     artifacts.write_bytes(out / "results.csv", buf.getvalue().encode())
@@ -439,7 +578,6 @@ def run_pipeline(cfg: Config, out: str | Path, until: str | None = None, only: s
                  device: str = "auto", progress: bool = True) -> Path:
     Run(cfg, out, device, progress).run(until=until, only=only)
     return Path(out)
-
 
 
 # ---- stages on their own, from files ---------------------------------------------------
@@ -458,40 +596,44 @@ def prepare_file(source: str, fmt: str, size: int, out: str | Path, split: str =
     return out
 
 
-def arch_spec(arch: str, images: torch.Tensor) -> dict:
-    """The build spec of a registered architecture (default options) for images like ``images``."""
-    return {"arch": arch, "in_channels": images.shape[1], "image_size": images.shape[2], "out_dim": 0}
+def arch_spec(arch: str, channels: int, size: int) -> dict:
+    """The build spec of a registered architecture (default options) for images of this shape."""
+    return {"arch": arch, "in_channels": channels, "image_size": size, "out_dim": 0}
 
 
-def pretrain_seeds(cfg: Config, distilled: str | Path, out: Path, device: torch.device,
-                   progress: bool = True, arch: str | None = None,
-                   units: UnitProgress | None = None) -> dict[str, list[float]]:
-    """One encoder per evaluation seed from one distilled set (with the set's own student
-    architecture, or ``arch``); returns the loss curves."""
+def pretrain_set(cfg: Config, distilled: str | Path, seed: int, device: torch.device, progress: bool = True,
+                 arch: str | None = None) -> tuple[Encoder, list[float], dict]:
+    """One encoder from one distilled set: MSE to its targets at its learned lr (or ``pretrain.lr``), or
+    Barlow Twins on its images for a self-supervised set. Returns (encoder, loss curve, spec)."""
     images, targets, meta = artifacts.load_distilled(distilled)
     spec = meta.get("model_spec") or model_spec(cfg.model, images.shape[1], images.shape[2], targets.shape[1])
     if arch is not None:
-        spec = arch_spec(arch, images)
+        spec = arch_spec(arch, images.shape[1], images.shape[2])
     method = str(meta.get("method", Path(distilled).stem))
-    name = method + (f"@{arch}" if arch else "")
-    logs = {}
-    for k in range(cfg.evaluate.seeds):
-        def work(k: int = k) -> list[float]:
-            encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, cfg.seed + k, device, progress,
-                                              desc=f"pretrain {name} s{k}")
-            artifacts.save_encoder(encoder_path(out, method, k, arch), encoder, {**spec, "out_dim": targets.shape[1]},
-                                   {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name})
-            return curve
-        key = f"{name}/seed{k}"
-        logs[key] = units.run(key, work, encoder_path(out, method, k, arch).is_file) if units else work()
-    return logs
+    name = f"pretrain {method}{'@' + arch if arch else ''} s{seed - cfg.seed}"
+    if meta.get("objective", "mse") == "barlow_twins":
+        c = images.shape[1]
+        space = (Normalizer(meta["mean"], meta["std"], device) if meta.get("image_space") == "normalized"
+                 else Normalizer([0.0] * c, [1.0] * c, device))
+        encoder, curve = pretrain_ssl(images, space, spec, cfg.pretrain, cfg.teacher, seed, device, progress, desc=name)
+        return encoder, curve, {**spec, "out_dim": 0}
+    lr = meta.get("lr")
+    encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, seed, device, progress, desc=name,
+                                      lr=float(lr) if lr is not None else None)
+    return encoder, curve, {**spec, "out_dim": targets.shape[1]}
 
 
 def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: str = "auto",
                   progress: bool = True) -> Path:
     """``ssdd pretrain --distilled FILE``: encoders for each seed from one distilled set."""
-    out = Path(out)
-    logs = pretrain_seeds(cfg, distilled, out, resolve_device(device), progress)
+    out, dev, logs = Path(out), resolve_device(device), {}
+    method = str(artifacts.read_meta(distilled).get("method", Path(distilled).stem))
+    for k in range(cfg.evaluate.seeds):
+        encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
+        artifacts.save_encoder(encoder_path(out, method, k), encoder, spec,
+                               {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name,
+                                "loss_curve": curve})
+        logs[f"{method}/seed{k}"] = curve
     artifacts.write_json(out / "pretrain_log.json", {"epoch_loss": logs})
     return out
 
@@ -500,10 +642,11 @@ def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: st
                    progress: bool = True) -> Path:
     """``ssdd evaluate --encoder E... --targets T...``: the transfer suite on artifacts, then the report."""
     out, dev = Path(out), str(resolve_device(device))
+    names = unique_target_names(targets)
     loaded = [(t, *load_target(t, cfg.data.size, cfg.evaluate.test_split, cfg.data.target_max_per_class or None))
               for t in targets]
-    suite = [Target(target_name(spec), train, test) for spec, train, test in loaded]
-    rows = []
+    suite = [Target(names[spec], train, test) for spec, train, test in loaded]
+    rows, methods = [], []
     for path in encoders:
         for k in range(cfg.evaluate.seeds):
             if path == "none":
@@ -513,7 +656,21 @@ def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: st
             else:
                 encoder, meta = encoder_from_artifact(path, dev)
                 method = str(meta.get("method", Path(path).stem))
+            methods.append(method)
             for target in suite:
                 rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
     write_results(out, rows)
-    return report.write_report(out)
+    return report.write_report(out, methods=list(dict.fromkeys(methods)))
+
+
+def diagnose_grad_variance(cfg: Config, out: str | Path, draws: int = 16, device: str = "auto",
+                           progress: bool = True) -> Path:
+    """``ssdd diagnose grad-variance``: prepare and teacher as needed, then the outer-gradient variance of
+    naive bilevel SSL vs KRR-ST at the first seed's initial state (``grad_variance.json`` / ``.png``)."""
+    from ssdd.distill.diagnose import write_grad_variance
+
+    run = Run(cfg, out, device, progress)
+    run.run(until="teacher")
+    ctx = run.distill_context(run._source("train"), run._source("heldout"), cache={})
+    write_grad_variance(ctx, Path(out), draws)
+    return Path(out)

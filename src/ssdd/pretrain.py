@@ -8,15 +8,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ssdd.config import PretrainConfig
+from ssdd.config import PretrainConfig, TeacherConfig
+from ssdd.data import ImageSet, Normalizer
 from ssdd.models import Encoder, build
 
 
 def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cfg: PretrainConfig, seed: int,
                      device: torch.device | str = "cpu", progress: bool = True,
-                     desc: str = "pretrain") -> tuple[Encoder, list[float]]:
+                     desc: str = "pretrain", lr: float | None = None) -> tuple[Encoder, list[float]]:
     """MSE regression, SGD with momentum and a cosine schedule, no augmentation (as the paper).
 
+    ``lr`` overrides ``cfg.lr`` (a distilled set's learned learning rate, MKDT).
     Returns the encoder (head = linear map to the target dimension) and the mean loss per epoch.
     """
     torch.manual_seed(seed)
@@ -25,7 +27,7 @@ def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cf
     images, targets = images.to(device), targets.to(device)
     batch = min(cfg.batch, len(images))
     steps_per_epoch = math.ceil(len(images) / batch)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     curve = []
     model.train()
@@ -42,3 +44,20 @@ def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cf
             total += loss.item() * len(idx)
         curve.append(total / len(images))
     return model.eval(), curve
+
+
+def pretrain_ssl(images: torch.Tensor, image_norm: Normalizer, spec: dict, cfg: PretrainConfig,
+                 ssl: TeacherConfig, seed: int, device: torch.device | str = "cpu", progress: bool = True,
+                 desc: str = "pretrain ssl") -> tuple[Encoder, list[float]]:
+    """Barlow Twins on a distilled set's images (the teacher's recipe, ``pretrain.epochs`` epochs):
+    the paper's "Random" row when the images are a random subset. Images are quantised to uint8 in
+    their [0, 1] pixel space for the SSL views (exact for real images)."""
+    import dataclasses
+
+    from ssdd.teacher.train import train_barlow_twins
+
+    pixels = (image_norm.to_unit(images.to(image_norm.mean.device)) * 255).round().to(torch.uint8).cpu()
+    data = ImageSet(pixels)
+    cfg_ssl = dataclasses.replace(ssl, epochs=cfg.epochs, batch=min(ssl.batch, len(data)))
+    result = train_barlow_twins(data, image_norm, cfg_ssl, seed, device, progress, spec=spec, desc=desc)
+    return result.encoder, result.losses

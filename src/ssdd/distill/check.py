@@ -25,7 +25,7 @@ def heldout_batches(heldout: ImageSet, teacher: nn.Module, norm: Normalizer, cfg
     order = torch.randperm(len(heldout), generator=gen)
     size = min(cfg.batch, len(heldout))
     batches = []
-    for k in range(cfg.check_batches):
+    for k in range(cfg.krr_st.check_batches):
         idx = order.roll(-k * size)[:size]
         x = norm(crop_flip(heldout.images[idx].to(device), cfg.crop_pad, cfg.flip, gen.manual_seed(seed + k)))
         batches.append((x, teacher(x)))
@@ -37,13 +37,14 @@ def heldout_losses(candidates: dict[str, tuple[torch.Tensor, torch.Tensor]],
                    seed: int, device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean held-out KRR-ST loss of each candidate (images, targets).
 
-    For each of ``cfg.check_models`` evaluation models (own seeds, never in the training pool)
+    For each of ``cfg.krr_st.check_models`` evaluation models (own seeds, never in the training pool)
     an age is drawn in [0, max_age); each candidate trains its own copy of that model for that
     many pool steps on itself, as the pool would, and is then scored on every batch. The same
     inits and ages serve every candidate, so the comparison is paired.
     """
     rng = random.Random(seed)
     totals = {name: 0.0 for name in candidates}
+    cfg = cfg.krr_st
     for k in range(cfg.check_models):
         torch.manual_seed(10_000 + seed * 100 + k)
         base = build(spec).to(device)

@@ -16,6 +16,7 @@ from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
 from ssdd.distill.krr import krr_st_loss
 from ssdd.distill.pool import ModelPool
+from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, random_index, register
 from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder
 
@@ -47,43 +48,62 @@ def outer_loss(model: Encoder, x_s: torch.Tensor, y_s: torch.Tensor, x_real: tor
     return krr_st_loss(g_s, g_r, y_s, t_real, ridge)
 
 
-def initial_set(source: ImageSet, teacher: nn.Module, norm: Normalizer, m: int, seed: int,
-                image_space: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """m random real images and their teacher features: KRR-ST's start and the random-subset baseline."""
-    if m > len(source):
-        raise UserError(f"distill.m={m} is larger than the source ({len(source)} images)")
-    index = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:m]
-    real = source.images[index].to(device)
-    targets = embed(teacher, norm(real))
-    images = norm(real) if image_space == "normalized" else real.float() / 255
-    return index, images, targets
+@register("krr_st", needs=("distill.krr_st",))
+def krr_st(ctx: DistillContext) -> DistilledSet:
+    """KRR-ST: synthetic images and targets whose ridge head on pool-model features predicts the teacher."""
+    result = distill_krr_st(ctx)
+    meta = {"init_index": result.init_index.tolist(), "steps": ctx.cfg.krr_st.steps,
+            "losses": result.losses, "pool_reinits": result.pool_reinits}
+    if ctx.heldout is not None and len(ctx.heldout):
+        meta["heldout_check"] = _heldout_check(ctx, result)
+    return DistilledSet(result.images, result.targets, meta=meta)
 
 
-def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec: dict, cfg: DistillConfig,
-                   seed: int, device: torch.device | str = "cpu", progress: bool = True,
-                   resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-                   checkpoint_due: Callable[[int], bool] = lambda step: False,
-                   should_stop: Callable[[], bool] = lambda: False) -> DistillResult:
-    """Run KRR-ST (DESIGN.md, "KRR-ST, exactly") and return the distilled set.
+def _heldout_check(ctx: DistillContext, result: DistillResult) -> dict:
+    """KRR-ST loss on held-out real batches: the distilled set, its start, an independent random draw."""
+    from ssdd.distill.check import heldout_batches, heldout_losses
 
-    ``checkpoint(state)`` is called after a step when ``checkpoint_due(step)`` says so and when
+    batches = heldout_batches(ctx.heldout, ctx.teacher, ctx.norm, ctx.cfg, ctx.seed + 7, ctx.device)
+    other = random_index(len(ctx.source), ctx.cfg.m, ctx.seed + 10_007)
+    losses = heldout_losses({"distilled": (result.images, result.targets),
+                             "init": (result.init_images, result.init_targets),
+                             "other_random_subset": (ctx.to_space(ctx.source.images[other]), ctx.targets_for(other))},
+                            batches, ctx.spec, ctx.cfg, ctx.seed, ctx.device)
+    k = ctx.cfg.krr_st
+    losses["note"] = (f"init is the distillation's start, which is also this seed's random_subset set; "
+                      f"other_random_subset is an independent draw of m={ctx.cfg.m} images. Measured on "
+                      f"{k.check_batches} fixed augmented batches of {len(ctx.heldout)} held-out images with "
+                      f"{k.check_models} fresh models.")
+    return losses
+
+
+def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> DistillResult:
+    """Run KRR-ST (DESIGN.md, "KRR-ST, exactly") from the paired draw ``ctx.init_index``.
+
+    ``pool`` replaces the model pool by anything with its interface (``krr_st_experts``).
+
+    ``ctx.hooks.checkpoint(state)`` is called after a step when ``checkpoint_due(step)`` says so and when
     ``should_stop()`` turns true (then :class:`ssdd.errors.Stopped` is raised); passing that state
-    back as ``resume`` continues bit-identically (on the same device).
+    back as ``hooks.resume`` continues bit-identically (on the same device).
     """
-    torch.manual_seed(seed)
+    cfg, k, device, hooks = ctx.cfg, ctx.cfg.krr_st, ctx.device, ctx.hooks
+    norm, teacher = ctx.norm, ctx.teacher
+    torch.manual_seed(ctx.seed)
     teacher.eval()
-    index, x0, y0 = initial_set(source, teacher, norm, cfg.m, seed, cfg.image_space, device)
+    index = ctx.init_index
+    x0, y0 = ctx.to_space(ctx.source.images[index]), ctx.targets_for(index)
     x_s = x0.clone().requires_grad_(True)
     y_s = y0.clone().requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": [x_s], "lr": cfg.lr_images}, {"params": [y_s], "lr": cfg.lr_targets}],
+    opt = torch.optim.AdamW([{"params": [x_s], "lr": k.lr_images}, {"params": [y_s], "lr": k.lr_targets}],
                             weight_decay=0.0)
-    decay = lambda t: 1.0 - (1.0 - cfg.final_lr_ratio) * t / max(1, cfg.steps - 1)  # noqa: E731
+    decay = lambda t: 1.0 - (1.0 - k.final_lr_ratio) * t / max(1, k.steps - 1)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
-    pool = ModelPool(spec, cfg.pool_size, cfg.pool_max_age, cfg.pool_reset, cfg.pool_lr, cfg.pool_momentum,
-                     cfg.pool_weight_decay, device, seed)
-    sampler = BatchSampler(source, cfg.batch, device, seed + 1)
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    pool = pool or ModelPool(ctx.spec, k.pool_size, k.pool_max_age, k.pool_reset, k.pool_lr, k.pool_momentum,
+                             k.pool_weight_decay, device, ctx.seed)
+    sampler = BatchSampler(ctx.source, cfg.batch, device, ctx.seed + 1)
+    aug_gen = torch.Generator(device=device).manual_seed(ctx.seed + 2)
     losses: list[float] = []
+    resume = hooks.resume
     if resume is None:
         pool.populate(x_s, y_s)
     else:
@@ -104,19 +124,20 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
                 "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), **rng_state(),
                 "losses": list(losses)}
 
-    bar = tqdm(range(len(losses), cfg.steps), desc="distill", disable=not progress, dynamic_ncols=True,
-               initial=len(losses), total=cfg.steps)
+    bar = tqdm(range(len(losses), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
+               dynamic_ncols=True, initial=len(losses), total=k.steps)
     for step in bar:
         real, _ = sampler.next()
         x_real = norm(crop_flip(real, cfg.crop_pad, cfg.flip, aug_gen))
         with torch.no_grad():
             t_real = teacher(x_real)
         idx = pool.pick()
-        loss = outer_loss(pool.models[idx], x_s, y_s, x_real, t_real, cfg.ridge)
+        loss = outer_loss(pool.models[idx], x_s, y_s, x_real, t_real, k.ridge)
         if not torch.isfinite(loss):
             raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
                             f"{t_real.abs().max().item():.3g}; synthetic images finite: {bool(torch.isfinite(x_s).all())}); "
-                            "lower distill.lr_images / distill.pool_lr or check the teacher (last checkpoint kept)")
+                            "lower distill.krr_st.lr_images / distill.krr_st.pool_lr or check the teacher "
+                            "(last checkpoint kept)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,9 +145,9 @@ def distill_krr_st(source: ImageSet, teacher: nn.Module, norm: Normalizer, spec:
         pool.train_step(idx, x_s, y_s)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        stop = should_stop()
-        if checkpoint and (stop or checkpoint_due(step + 1)):
-            checkpoint(state())
-        if stop and step + 1 < cfg.steps:
+        stop = hooks.should_stop()
+        if hooks.checkpoint and (stop or hooks.checkpoint_due(step + 1)):
+            hooks.checkpoint(state())
+        if stop and step + 1 < k.steps:
             raise Stopped("distill", step + 1)
     return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, losses, pool.reinits)

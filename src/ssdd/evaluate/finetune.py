@@ -1,4 +1,10 @@
-"""Fine-tuning: the whole encoder plus a new linear head, on a labelled target."""
+"""Fine-tuning: the whole encoder plus a new linear head, on a labelled target.
+
+Its hyper-parameters (``evaluate.finetune_*``) are used as configured. The presets' fine-tune
+learning rate and iteration counts were chosen earlier by looking at test accuracy and are not
+re-tuned here, so fine-tune numbers may carry that selection bias; the validation split of
+``evaluate.validation`` is used by the linear probe only, never by fine-tuning.
+"""
 
 from __future__ import annotations
 

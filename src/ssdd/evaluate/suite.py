@@ -1,17 +1,28 @@
-"""The transfer suite: every encoder x target x protocol x label fraction x seed -> result rows."""
+"""The transfer suite: every encoder x target x protocol x label fraction x seed -> result rows.
+
+Which images are labelled depends only on the target, the seed, the draw and the fraction, never
+on the method, so every method is probed with the same labels on the same seed (paired). For the
+linear probe a fixed per-class share of the target's train split (``evaluate.validation``) is held
+out as a validation split for choosing C; label draws come only from the rest, so labelled,
+validation and test images never overlap.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ssdd.config import EvaluateConfig
-from ssdd.data import ImageSet, Normalizer, stratified_fraction
+from ssdd.data import ImageSet, Normalizer, stratified_split
 from ssdd.errors import UserError
 from ssdd.evaluate.finetune import finetune_accuracy
-from ssdd.evaluate.linear import frozen_features, linear_probe_accuracy
+from ssdd.evaluate.linear import frozen_features, linear_probe, probe_extractor
 from ssdd.models import Encoder
+
+VALIDATION_SEED = 104_729  # the validation split is one fixed draw: the same for every method and seed
 
 
 @dataclass
@@ -21,17 +32,53 @@ class Target:
     test: ImageSet
 
 
-def label_index(train: ImageSet, fraction: float, seed: int, draw: int = 0) -> np.ndarray:
-    """Indices of the labelled part of ``train`` for one seed and draw: the same for every method (paired)."""
+def validation_split(train: ImageSet, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool, validation)`` indices of ``train``: ``round(fraction * n_c)`` images of each class
+    (a fixed draw, independent of method and seed) form the validation split, the rest the pool
+    that label draws come from. ``fraction = 0`` gives an empty validation split."""
+    if train.labels is None:
+        raise UserError(f"target {train.name}: the train split has no labels")
+    if fraction <= 0:
+        return np.arange(len(train)), np.zeros(0, dtype=np.int64)
+    pool, val = stratified_split(train.labels, fraction, VALIDATION_SEED)
+    return pool.numpy(), val.numpy()
+
+
+def label_index(train: ImageSet, fraction: float, seed: int, draw: int = 0, validation: float = 0.0) -> np.ndarray:
+    """Indices of the labelled part of ``train`` for one seed and draw (sorted).
+
+    Each class gets ``max(1, round(fraction * n_c))`` images, ``n_c`` its count in the whole train
+    split (so the label budget does not depend on ``validation``), drawn from the pool outside the
+    validation split of :func:`validation_split` and capped at the pool's size; ``fraction >= 1``
+    takes the whole pool. The draw depends only on ``(seed, draw, fraction)`` and the target, so it
+    is the same for every method. With ``validation = 0`` it equals
+    :func:`ssdd.data.stratified_fraction` with the same generator.
+    """
+    pool, _ = validation_split(train, validation)
     if fraction >= 1.0:
-        return np.arange(len(train))
+        return pool
+    y = train.labels.numpy()
     rng = np.random.default_rng([seed, draw, int(round(fraction * 1e6))])
-    return stratified_fraction(train.labels, fraction, rng).numpy()
+    in_pool = np.zeros(len(y), bool)
+    in_pool[pool] = True
+    picks = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        k = max(1, int(round(len(members) * fraction)))
+        candidates = members[in_pool[members]]
+        picks.append(rng.choice(candidates, size=min(k, len(candidates)), replace=False))
+    return np.sort(np.concatenate(picks))
 
 
 def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, cfg: EvaluateConfig,
                      device: str = "cpu", progress: bool = True) -> list[dict]:
-    """All protocols of one (method, seed) encoder on one target."""
+    """All protocols of one (method, seed) encoder on one target.
+
+    Rows: ``method, target, protocol, label_fraction, seed, accuracy, arch`` plus ``n_labels`` (per
+    draw), ``c`` (the linear probe's C chosen most often over the draws; None for fine-tuning),
+    ``c_draws`` and ``val_accuracy`` (mean validation accuracy at the chosen C; None without a
+    validation split, and for fine-tuning).
+    """
     in_channels = next(encoder.parameters()).shape[1]
     if in_channels != target.train.shape[0]:
         raise UserError(f"target {target.name}: {target.train.shape[0]}-channel images, but encoder "
@@ -39,24 +86,39 @@ def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, c
     norm = Normalizer(*target.train.mean_std(), device=device)
     rows = []
     arch = getattr(encoder, "arch", type(encoder).__name__)
-    row = lambda protocol, fraction, acc: {"method": method, "target": target.name, "protocol": protocol,  # noqa: E731
-                                           "label_fraction": float(fraction), "seed": seed, "accuracy": acc,
-                                           "arch": arch}
+
+    def row(protocol: str, fraction: float, acc: float, n_labels: int, cs: list[float] | None = None,
+            val_acc: float | None = None) -> dict:
+        c = None if cs is None else min(Counter(cs).most_common(), key=lambda kv: (-kv[1], kv[0]))[0]
+        return {"method": method, "target": target.name, "protocol": protocol, "label_fraction": float(fraction),
+                "seed": seed, "accuracy": acc, "arch": arch, "n_labels": int(n_labels), "c": c,
+                "c_draws": cs, "val_accuracy": val_acc}
+
     if "linear" in cfg.protocols:
-        train_x = frozen_features(encoder, target.train.images, norm, device)
-        test_x = frozen_features(encoder, target.test.images, norm, device)
+        probe_extractor(encoder, cfg.probe_features)  # a wrong probe_features fails before any work
+        pool, val = validation_split(target.train, cfg.validation)
+        feats = frozen_features(encoder, target.train.images, norm, device, mode=cfg.probe_features)
+        test_x = frozen_features(encoder, target.test.images, norm, device, mode=cfg.probe_features)
         train_y, test_y = target.train.labels.numpy(), target.test.labels.numpy()
+        grid = list(cfg.linear_c_grid) if len(val) else [1.0]
         for fraction in cfg.linear_fractions:
             draws = cfg.linear_draws if fraction < 1.0 else 1
-            accs = []
+            results, n = [], 0
             for draw in range(draws):
-                idx = label_index(target.train, fraction, seed, draw)
-                accs.append(linear_probe_accuracy(train_x[idx], train_y[idx], test_x, test_y))
-            rows.append(row("linear", fraction, float(np.mean(accs))))
+                idx = label_index(target.train, fraction, seed, draw, cfg.validation)
+                n = len(idx)
+                results.append(linear_probe(feats[idx], train_y[idx], test_x, test_y,
+                                            feats[val] if len(val) else None, train_y[val] if len(val) else None,
+                                            grid))
+            rows.append(row("linear", fraction, float(np.mean([r.accuracy for r in results])), n,
+                            [r.c for r in results],
+                            float(np.mean([r.val_accuracy for r in results])) if len(val) else None))
     if "finetune" in cfg.protocols:
         for fraction in cfg.finetune_fractions:
-            labelled = target.train.subset(label_index(target.train, fraction, seed))
+            # fine-tuning takes its labels from the whole train split: it selects nothing on validation
+            idx = label_index(target.train, fraction, seed)
+            labelled = target.train.subset(torch.from_numpy(idx))
             acc = finetune_accuracy(encoder, labelled, target.test, norm, cfg, seed, device, progress,
                                     desc=f"finetune {method} s{seed} {fraction:g}")
-            rows.append(row("finetune", fraction, acc))
+            rows.append(row("finetune", fraction, acc, len(idx)))
     return rows

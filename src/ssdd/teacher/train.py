@@ -41,14 +41,16 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
                        device: torch.device | str = "cpu", progress: bool = True, resume: dict | None = None,
                        checkpoint: Callable[[dict], None] | None = None,
                        checkpoint_due: Callable[[int], bool] = lambda step: False,
-                       should_stop: Callable[[], bool] = lambda: False) -> TeacherResult:
+                       should_stop: Callable[[], bool] = lambda: False, spec: dict | None = None,
+                       desc: str = "teacher") -> TeacherResult:
     """SGD with momentum (or AdamW), linear warm-up then cosine decay; views from :func:`ssl_views`.
 
+    ``spec`` builds another encoder than ``cfg.model`` (SSL pre-training of a distilled set's student).
     Checkpoint / resume / stop work as in :func:`ssdd.distill.distill_krr_st`.
     """
     torch.manual_seed(seed)
     c, h, _ = data.shape
-    spec = model_spec(cfg.model, c, h, out_dim=0)
+    spec = {**spec, "out_dim": 0} if spec is not None else model_spec(cfg.model, c, h, out_dim=0)
     encoder = build(spec).to(device)
     proj = projector(encoder.feature_dim, cfg.projector).to(device)
     params = list(encoder.parameters()) + list(proj.parameters())
@@ -73,7 +75,7 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         restore_rng(resume)
         losses = list(resume["losses"])
     encoder.train(), proj.train()
-    bar = tqdm(range(len(losses), total), desc="teacher", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(range(len(losses), total), desc=desc, disable=not progress, dynamic_ncols=True,
                initial=len(losses), total=total)
     for step in bar:
         x, _ = sampler.next()

@@ -42,8 +42,12 @@ def read_source(path: str, fmt: str, size: int, split: str = "train", max_per_cl
     if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
                                       or max_per_class < 1):
         raise UserError(f"max_per_class: must be a positive integer, got {max_per_class!r}")
-    if fmt == "bundled":
+    if fmt == "bundled":  # no split of its own: the fixed stratified 70/30 split that targets use
+        from ssdd.data.dataset import stratified_split
+
         data = load_bundled(path, size)
+        train, test = stratified_split(data.labels, 0.3, seed=0)
+        data = data.subset(train if split == "train" else test)
         labels = data.labels.numpy() if data.labels is not None else None
         return finish(data.images, labels, data.class_names, data.name, size, max_per_class, path)
     source = Path(os.path.expanduser(path))

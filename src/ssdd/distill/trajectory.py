@@ -1,0 +1,94 @@
+"""Trajectory matching as pure functions: flat parameter vectors, differentiable unrolled
+student training on a synthetic set, and MTT's normalised matching loss.
+
+A model's parameters are handled as one flat vector (the order of ``model.parameters()``);
+:func:`unflatten_params` turns it back into named views, so ``torch.func.functional_call`` can
+run the model with parameters that carry an autograd graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """A detached float32 copy of the model's parameters as one vector (order of ``model.parameters()``,
+    each in its logical NCHW order: ``reshape``, since channels-last weights cannot be ``view``-ed flat)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).float().clone()
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def unflatten_params(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named views of ``flat`` shaped like the model's parameters (differentiable w.r.t. ``flat``)."""
+    if flat.ndim != 1 or flat.numel() != param_count(model):
+        raise ValueError(f"flat parameter vector of {tuple(flat.shape)} does not fit a model of "
+                         f"{param_count(model)} parameters")
+    out, pos = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = flat[pos:pos + p.numel()].view(p.shape)
+        pos += p.numel()
+    return out
+
+
+@torch.no_grad()
+def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat vector into the model's parameters in place (dtype and memory format kept)."""
+    for name, value in unflatten_params(model, flat.detach()).items():
+        model.get_parameter(name).copy_(value)
+
+
+def minibatches(m: int, batch: int, steps: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Index sets of ``steps`` minibatches of a set of ``m``: successive chunks of a fresh random
+    permutation (a new one when it runs out); ``batch`` 0 or >= m means the whole set every step."""
+    if batch <= 0 or batch >= m:
+        return [torch.arange(m)] * steps
+    out: list[torch.Tensor] = []
+    order, pos = torch.empty(0, dtype=torch.long), 0
+    for _ in range(steps):
+        if pos + batch > len(order):
+            order, pos = torch.randperm(m, generator=generator), 0
+        out.append(order[pos:pos + batch])
+        pos += batch
+    return out
+
+
+def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
+                    lr: torch.Tensor | float, steps: int, batch: int = 0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flat parameters after ``steps`` plain gradient steps θ ← θ − lr ∇ MSE(f_θ(x_b), y_b) from
+    ``start_flat``, keeping the graph so that the result differentiates w.r.t. ``images``,
+    ``targets`` and ``lr`` (and ``start_flat`` when it requires grad).
+
+    ``model`` only supplies the architecture: its own parameters are not used or changed. It runs
+    in train mode; BatchNorm statistics come from each minibatch and updates go to fresh copies of
+    its buffers, so the model is left untouched (instance norm, which has no buffers, is the
+    intended student).
+    """
+    theta = start_flat if start_flat.requires_grad else start_flat.detach().requires_grad_(True)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        for index in minibatches(len(images), batch, steps, generator):
+            index = index.to(images.device)
+            x_b, y_b = images[index], targets[index]
+            out = functional_call(model, {**unflatten_params(model, theta), **buffers}, (x_b,))
+            loss = F.mse_loss(out, y_b)
+            (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+            theta = theta - lr * grad
+    finally:
+        model.train(was_training)
+    return theta
+
+
+def trajectory_matching_loss(theta_n: torch.Tensor, theta_start: torch.Tensor, theta_target: torch.Tensor) -> torch.Tensor:
+    """MTT's normalised parameter distance ‖θ_N − θ*‖² / ‖θ₀ − θ*‖² (sums over every parameter;
+    the denominator is a constant)."""
+    den = (theta_start.detach() - theta_target.detach()).pow(2).sum()
+    return (theta_n - theta_target.detach()).pow(2).sum() / den

@@ -1,0 +1,140 @@
+"""The method engine: every registered method runs for a few steps on a tiny slice through the
+pipeline and leaves a checked artifact; seeds are paired draws; compare resumes and redoes only
+what is new; fingerprints keep targets away from the teacher and distillation."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssdd import artifacts
+from ssdd.cli import main
+from ssdd.distill import registry
+
+SET_METHODS = ["krr_st", "random_subset", "random_ssl", "kmeans", "high_loss", "mkdt", "naive_bilevel",
+               "krr_st_experts", "mkdt_aug"]
+
+
+def tiny_npz(path: Path, n: int = 48, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8), y=np.arange(n) % 4)
+    return f"npz:{path}"
+
+
+def tiny_args(src: str, targets: list[str], methods: list[str], seeds: int = 2) -> list[str]:
+    pairs = ["data.size=16", f"data.source={src}", f"data.targets={json.dumps(targets)}", "data.heldout=8",
+             "teacher.epochs=1", "teacher.batch=16", "teacher.projector=[16, 16]", "teacher.model.widths=[8, 8]",
+             "model.widths=[4, 8]", "model.pool=flatten", "model.norm=instance", "distill.m=6",
+             "distill.batch=8", "distill.krr_st.steps=2", "distill.krr_st.pool_size=2", "distill.krr_st.pool_max_age=2",
+             "distill.krr_st.check_models=1", "distill.krr_st.check_batches=1", "distill.experts.count=2",
+             "distill.experts.epochs=2", "distill.experts.batch=16", "distill.mkdt.iterations=2",
+             "distill.mkdt.syn_steps=2", "distill.mkdt.span=1", "distill.mkdt.max_start_epoch=1",
+             "distill.naive_bilevel.steps=2", "distill.naive_bilevel.inner_steps=1",
+             "distill.naive_bilevel.projector=[8, 8]", "distill.kmeans.n_init=1", "pretrain.epochs=2",
+             "pretrain.batch=8", f"evaluate.seeds={seeds}", "evaluate.protocols=[\"linear\"]",
+             "evaluate.linear_fractions=[0.25]", "evaluate.linear_draws=1", "evaluate.linear_c_grid=[1.0]",
+             "evaluate.validation=0.0", "evaluate.probe_features=flatten", f"methods={json.dumps(methods)}"]
+    return ["--no-progress"] + [x for pair in pairs for x in ("--set", pair)]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("methods")
+    src = tiny_npz(tmp / "src.npz")
+    out = tmp / "run"
+    methods = SET_METHODS + ["no_pretrain", "full_ssl"]
+    assert main(["compare", "--out", str(out), *tiny_args(src, [src], methods)]) == 0
+    return out, src, methods
+
+
+@pytest.mark.slow
+def test_every_method_leaves_a_checked_artifact_per_seed(full_run):
+    out, _, methods = full_run
+    for name in SET_METHODS:
+        for k, suffix in ((0, ""), (1, ".seed1")):
+            images, targets, meta = artifacts.load_distilled(out / "distilled" / f"{name}{suffix}.safetensors")
+            assert images.shape == (6, 3, 16, 16) and torch.isfinite(images).all(), name
+            assert meta["method"] == name and meta["seed"] == k and meta["fingerprint"]
+            if meta["objective"] == "barlow_twins":
+                assert targets.shape == (6, 0)  # pre-trained by SSL on the images
+            else:
+                assert targets.shape[0] == 6 and targets.shape[1] > 0
+    # paired draws: random_subset of seed k is exactly KRR-ST's start of seed k, and seeds differ
+    for suffix in ("", ".seed1"):
+        a = artifacts.read_meta(out / "distilled" / f"krr_st{suffix}.safetensors")["init_index"]
+        assert artifacts.read_meta(out / "distilled" / f"random_subset{suffix}.safetensors")["init_index"] == a
+        assert artifacts.read_meta(out / "distilled" / f"random_ssl{suffix}.safetensors")["init_index"] == a
+    assert (artifacts.read_meta(out / "distilled" / "krr_st.safetensors")["init_index"]
+            != artifacts.read_meta(out / "distilled" / "krr_st.seed1.safetensors")["init_index"])
+    mkdt = artifacts.read_meta(out / "distilled" / "mkdt.safetensors")
+    assert mkdt["lr"] is not None and mkdt["lr"] != 0.1  # the learned inner lr
+    kmeans = artifacts.read_meta(out / "distilled" / "kmeans.safetensors")["init_index"]
+    assert len(set(kmeans)) == 6
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in rows} == set(methods)
+    for name in ("compare.md", "compare.csv", "compare.json", "compare.png", "report.md"):
+        assert (out / name).is_file()
+    table = (out / "compare.md").read_text()
+    assert all(name in table for name in methods) and "**" in table
+
+
+@pytest.mark.slow
+def test_compare_reuses_finished_methods_and_adding_a_target_keeps_teacher_and_sets(full_run, tmp_path, caplog):
+    out, src, methods = full_run
+    other = tiny_npz(tmp_path / "other.npz", seed=1)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "distilled").glob("*.safetensors")}
+    teacher_time = (out / "teacher.safetensors").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="ssdd")
+    assert main(["compare", "--out", str(out), *tiny_args(src, [src, other], ["krr_st", "random_subset", "kmeans"])]) == 0
+    assert (out / "teacher.safetensors").stat().st_mtime_ns == teacher_time  # a new target never retrains
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "distilled").glob("*.safetensors")}
+    assert all(after[name] == t for name, t in before.items())  # ... nor re-distils
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["target"] for r in rows} == {"src", "other"} and {r["method"] for r in rows} == {
+        "krr_st", "random_subset", "kmeans"}
+
+
+def test_two_targets_with_one_stem_do_not_overwrite(tmp_path):
+    from ssdd.pipeline import unique_target_names
+
+    names = unique_target_names(["npz:a/data.npz", "npz:b/data.npz", "digits"])
+    assert len(set(names.values())) == 3 and names["digits"] == "digits"
+
+
+def test_unknown_method_is_refused_before_work(tmp_path, capsys):
+    src = tiny_npz(tmp_path / "src.npz")
+    code = main(["run", "--out", str(tmp_path / "o"), *tiny_args(src, [src], ["krr_st", "nosuch"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nosuch" in err[0] and "random_subset" in err[0]
+    assert not (tmp_path / "o" / "data").exists()
+
+
+def test_registry_knows_every_method_once():
+    assert set(SET_METHODS + ["no_pretrain", "full_ssl"]) == set(registry.names())
+    assert all(registry.get(n).kind == "set" for n in SET_METHODS)
+
+
+def test_kmeans_takes_the_real_image_nearest_each_centroid():
+    from ssdd.config import DistillConfig
+    from ssdd.data import ImageSet, Normalizer
+    from ssdd.distill import DistillContext, random_index
+    from ssdd.distill.subsets import kmeans
+
+    # two tight clusters in teacher space (the teacher reads the mean pixel): one image from each
+    images = torch.cat([torch.full((10, 1, 4, 4), 10, dtype=torch.uint8), torch.full((10, 1, 4, 4), 240, dtype=torch.uint8)])
+    images[3] += 1
+    images[15] -= 1
+    source = ImageSet(images)
+
+    class MeanPixel(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2, 3))[:, None]
+
+    ctx = DistillContext(source, None, MeanPixel(), Normalizer([0.5], [0.25]), {}, DistillConfig(m=2), 0,
+                         random_index(20, 2, 0), "cpu", False)
+    result = kmeans(ctx)
+    index = result.meta["init_index"]
+    assert len(index) == 2 and index[0] < 10 <= index[1]
+    torch.testing.assert_close(result.targets, MeanPixel()(ctx.norm(images[index])))
