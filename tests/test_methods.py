@@ -138,3 +138,56 @@ def test_kmeans_takes_the_real_image_nearest_each_centroid():
     index = result.meta["init_index"]
     assert len(index) == 2 and index[0] < 10 <= index[1]
     torch.testing.assert_close(result.targets, MeanPixel()(ctx.norm(images[index])))
+
+
+def test_evaluate_works_with_a_torchscript_teacher(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 7))
+    teacher = tmp_path / "teacher.pt"
+    torch.jit.script(net).save(str(teacher))
+    src = tiny_npz(tmp_path / "src.npz")
+    out = tmp_path / "run"
+    args = tiny_args(src, [src], ["random_subset", "full_ssl"], seeds=1)
+    args += ["--set", f"teacher.path={teacher}", "--set", 'evaluate.protocols=["linear","finetune"]',
+             "--set", "evaluate.finetune_iters=2", "--set", "evaluate.finetune_batch=8",
+             "--set", "evaluate.finetune_fractions=[1.0]", "--set", "evaluate.probe_features=gap"]
+    assert main(["run", "--out", str(out), *args]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["protocol"]) for r in rows} == {
+        ("random_subset", "linear"), ("random_subset", "finetune"), ("full_ssl", "linear"), ("full_ssl", "finetune")}
+
+
+def test_a_missing_per_seed_encoder_is_an_error(tmp_path, capsys):
+    src = tiny_npz(tmp_path / "src.npz")
+    out = tmp_path / "run"
+    args = tiny_args(src, [src], ["random_subset"], seeds=2)
+    assert main(["run", "--out", str(out), "--until", "pretrain", *args]) == 0
+    (out / "encoders" / "random_subset.seed1.safetensors").unlink()
+    assert main(["evaluate", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "random_subset.seed1.safetensors" in err and "seed 1" in err
+
+
+def test_bundled_format_honours_split():
+    from ssdd.data.formats import read_source
+
+    from ssdd.data.bundled import load_bundled
+    from ssdd.data.dataset import stratified_split
+
+    train = read_source("digits", "bundled", 16, "train")
+    test = read_source("digits", "bundled", 16, "test")
+    full = load_bundled("digits", 16)
+    train_idx, test_idx = stratified_split(full.labels, 0.3, seed=0)  # the split targets use
+    assert len(train) + len(test) == 1797 and abs(len(test) / 1797 - 0.3) < 0.01
+    assert torch.equal(test.images, full.images[test_idx]) and torch.equal(train.labels, full.labels[train_idx])
+
+
+def test_diagnose_grad_variance_command(tmp_path):
+    src = tiny_npz(tmp_path / "src.npz")
+    out = tmp_path / "run"
+    assert main(["diagnose", "grad-variance", "--out", str(out), "--draws", "3",
+                 *tiny_args(src, [src], ["krr_st"], seeds=1)]) == 0
+    result = json.loads((out / "grad_variance.json").read_text())
+    text = json.dumps(result)
+    assert "krr_st" in text and "naive_bilevel" in text and (out / "grad_variance.png").stat().st_size > 1000

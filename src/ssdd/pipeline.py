@@ -64,8 +64,10 @@ SECTIONS = {
 INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random draw (shared with that seed's "
                  "random_subset), the distillation's own randomness, the pre-training initialisation and the label "
                  "draws. The 95 % interval is a paired t-interval over seeds, so it covers distillation-to-distillation "
-                 "variance; full_ssl is one encoder (the teacher), its seeds vary the evaluation only; MKDT's "
-                 "experts are trained once per run and shared by every seed.")
+                 "variance; full_ssl is one encoder (the teacher), its seeds vary the evaluation only; the KD "
+                 "experts are trained once per run and shared by every seed, so high_loss is the same set in every "
+                 "seed and MKDT starts from it every time (their intervals cover their own randomness, pre-training "
+                 "and label draws, not a different start).")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
