@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from ssdd.data.augment import crop_flip
 from ssdd.distill.registry import DistillContext, register_prep
 from ssdd.distill.trajectory import flat_params, load_flat_params, param_count, unflatten_params
-from ssdd.errors import Stopped
 from ssdd.models import Encoder, build
 
 __all__ = ["expert_seed", "flat_params", "load_flat_params", "param_count", "unflatten_params",
@@ -115,9 +114,6 @@ def train_experts(ctx: DistillContext) -> dict[str, torch.Tensor]:
         losses.append(loss)
         bar.set_postfix(loss=f"{loss.mean().item():.4f}", refresh=False)
         step = k + 1
-        stop = hooks.should_stop()
-        if hooks.checkpoint and (stop or hooks.checkpoint_due(step)):
-            hooks.checkpoint({"step": step, "done": list(done), "losses": list(losses)})
-        if stop and step < cfg.count:
-            raise Stopped("experts", step)
+        hooks.after_step(step, cfg.count, lambda: {"step": step, "done": list(done), "losses": list(losses)},
+                         "experts")
     return {"trajectories": torch.stack(done), "epoch1_loss": torch.stack(losses).mean(0)}

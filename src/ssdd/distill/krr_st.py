@@ -17,7 +17,7 @@ from ssdd.data.augment import crop_flip
 from ssdd.distill.krr import krr_st_loss
 from ssdd.distill.pool import ModelPool
 from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, random_index, register
-from ssdd.errors import Stopped, UserError
+from ssdd.errors import UserError
 from ssdd.models import Encoder
 
 
@@ -145,9 +145,5 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
         pool.train_step(idx, x_s, y_s)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        stop = hooks.should_stop()
-        if hooks.checkpoint and (stop or hooks.checkpoint_due(step + 1)):
-            hooks.checkpoint(state())
-        if stop and step + 1 < k.steps:
-            raise Stopped("distill", step + 1)
+        hooks.after_step(step + 1, k.steps, state, "distill")
     return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, losses, pool.reinits)

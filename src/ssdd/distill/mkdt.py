@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ssdd.distill.experts import build_seeded, expert_seed
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.distill.trajectory import param_count, trajectory_matching_loss, unrolled_params
-from ssdd.errors import Stopped, UserError
+from ssdd.errors import UserError
 
 
 def high_loss_index(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -118,10 +118,6 @@ def distill_mkdt(ctx: DistillContext) -> DistilledSet:
         lr_curve.append(alpha.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_curve[-1]:.4g}", refresh=False)
         step = it + 1
-        stop = hooks.should_stop()
-        if hooks.checkpoint and (stop or hooks.checkpoint_due(step)):
-            hooks.checkpoint(state())
-        if stop and step < cfg.iterations:
-            raise Stopped("mkdt", step)
+        hooks.after_step(step, cfg.iterations, state, "mkdt")
     return DistilledSet(x_s.detach(), y_s.detach(), lr=float(alpha.item()),
                         meta={"init": cfg.init, "init_index": index.tolist(), "losses": losses, "lr_curve": lr_curve})

@@ -4,7 +4,8 @@ Learnable synthetic images ``X_s`` only (no targets). Each outer step builds a f
 (backbone features + a Barlow Twins projector, initialised from the seed and the step), trains it
 ``inner_steps`` unrolled plain gradient steps on the Barlow Twins loss of two random crop/flip
 views of ``X_s``, and scores it by how well its features of an augmented real batch predict the
-teacher's features of that batch linearly (the MSE of a closed-form ridge fit on that batch).
+teacher's features of that batch linearly (a closed-form ridge head fit on one half of the batch,
+its MSE measured on the other half).
 The gradient reaches ``X_s`` through the unrolled inner steps and the augmentation, so it carries
 the randomness of the inner views: the instability KRR-ST removes (see ``diagnose.py``).
 
@@ -26,7 +27,7 @@ from ssdd.data import BatchSampler
 from ssdd.data.augment import crop_flip
 from ssdd.distill.krr import ridge_predict
 from ssdd.distill.registry import DistillContext, DistilledSet, register
-from ssdd.errors import Stopped, UserError
+from ssdd.errors import UserError
 from ssdd.models import build
 from ssdd.teacher.barlow import barlow_twins_loss
 from ssdd.teacher.train import projector
@@ -139,10 +140,6 @@ def naive_bilevel(ctx: DistillContext) -> DistilledSet:
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        stop = hooks.should_stop()
-        if hooks.checkpoint and (stop or hooks.checkpoint_due(step + 1)):
-            hooks.checkpoint(state())
-        if stop and step + 1 < nb.steps:
-            raise Stopped("naive_bilevel", step + 1)
+        hooks.after_step(step + 1, nb.steps, state, "naive_bilevel")
     return DistilledSet(x_s.detach(), None, objective="barlow_twins",
                         meta={"init_index": index.tolist(), "steps": nb.steps, "losses": losses})

@@ -30,7 +30,7 @@ from torch import nn
 
 from ssdd.config import DistillConfig
 from ssdd.data import ImageSet, Normalizer
-from ssdd.errors import UserError
+from ssdd.errors import Stopped, UserError
 
 
 @dataclass
@@ -53,6 +53,15 @@ class Hooks:
     checkpoint: Callable[[dict], None] | None = None
     checkpoint_due: Callable[[int], bool] = lambda step: False
     should_stop: Callable[[], bool] = lambda: False
+
+    def after_step(self, step: int, total: int, state: Callable[[], dict], name: str) -> None:
+        """Call after step ``step`` of ``total``: checkpoint when due or when a stop was asked for, then
+        stop (:class:`ssdd.errors.Stopped`) if it was and work remains."""
+        stop = self.should_stop()
+        if self.checkpoint and (stop or self.checkpoint_due(step)):
+            self.checkpoint(state())
+        if stop and step < total:
+            raise Stopped(name, step)
 
 
 @dataclass
