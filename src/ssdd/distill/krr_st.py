@@ -4,27 +4,18 @@ features of a pool model, predicts the teacher's features of real images."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ssdd.artifacts import restore_rng, rng_state
-from ssdd.config import DistillConfig
-from ssdd.data import BatchSampler, ImageSet, Normalizer
+from ssdd.data import BatchSampler
 from ssdd.data.augment import crop_flip
 from ssdd.distill.krr import krr_st_loss
 from ssdd.distill.pool import ModelPool
-from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, random_index, register
+from ssdd.distill.registry import DistillContext, DistilledSet, random_index, register
 from ssdd.errors import UserError
 from ssdd.models import Encoder
-
-
-@torch.no_grad()
-def embed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Apply ``fn`` without gradients in chunks."""
-    return torch.cat([fn(x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
 @dataclass
