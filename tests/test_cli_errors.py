@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ssdd.artifacts import save_tensors
@@ -96,3 +97,13 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["", "prepare", "teacher", "distill", "pretrain", "evaluate", "report", "run",
+                                     "demo", "compare", "diagnose", "info"])
+def test_every_help_text_renders(command, capsys):
+    from ssdd.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="ssdd run --preset demo --out runs/demo")
     _common(demo, out_default="runs/demo")
     cmp = sub.add_parser("compare", help="run every stage the methods still miss (resuming), then one table: "
-                         "each method beside random_subset with paired 95 % intervals (compare.md/csv/json/png)")
+                         "each method beside random_subset with paired 95 %% intervals (compare.md/csv/json/png)")
     _common(cmp)
     cmp.add_argument("--methods", nargs="+", help="methods to compare (default: the preset's `methods`)")
     cmp.add_argument("--paper-table", help="a CSV of published numbers (method,target,protocol,label_fraction,"
