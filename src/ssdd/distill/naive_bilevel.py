@@ -29,8 +29,7 @@ from ssdd.distill.krr import ridge_predict
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.errors import UserError
 from ssdd.models import build
-from ssdd.teacher.barlow import barlow_twins_loss
-from ssdd.teacher.train import projector
+from ssdd.models.ssl import barlow_twins_loss, projector
 
 Params = dict[str, torch.Tensor]
 

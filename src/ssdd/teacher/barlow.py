@@ -1,20 +1,5 @@
-"""The Barlow Twins objective (Zbontar et al., 2021) as a pure function."""
+"""The Barlow Twins objective (Zbontar et al., 2021): defined in :mod:`ssdd.models.ssl`, re-exported here."""
 
-from __future__ import annotations
+from ssdd.models.ssl import barlow_twins_loss, standardize
 
-import torch
-
-
-def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-dimension standardisation over the batch, as BatchNorm1d(affine=False) in training mode."""
-    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
-
-
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, redundancy_weight: float = 5e-3) -> torch.Tensor:
-    """sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2, C the cross-correlation of the standardised views."""
-    n = len(z1)
-    c = standardize(z1).T @ standardize(z2) / n
-    diag = torch.diagonal(c)
-    on_diag = (diag - 1).pow(2).sum()
-    off_diag = c.pow(2).sum() - diag.pow(2).sum()
-    return on_diag + redundancy_weight * off_diag
+__all__ = ["barlow_twins_loss", "standardize"]

@@ -16,18 +16,7 @@ from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import ssl_views
 from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder, build, model_spec
-from ssdd.teacher.barlow import barlow_twins_loss
-
-
-def projector(in_dim: int, dims: list[int]) -> nn.Sequential:
-    """The Barlow Twins projector: Linear-BN-ReLU blocks, last layer a plain Linear."""
-    layers: list[nn.Module] = []
-    for i, dim in enumerate(dims):
-        layers.append(nn.Linear(in_dim, dim, bias=False))
-        if i < len(dims) - 1:
-            layers += [nn.BatchNorm1d(dim), nn.ReLU(inplace=True)]
-        in_dim = dim
-    return nn.Sequential(*layers)
+from ssdd.models.ssl import barlow_twins_loss, projector
 
 
 @dataclass
