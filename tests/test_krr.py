@@ -96,3 +96,107 @@ def test_outer_loss_gradients_match_finite_differences():
             else:
                 fd = (fixed_lambda_loss(x_s.detach(), plus) - fixed_lambda_loss(x_s.detach(), minus)) / (2 * h)
             assert abs(fd - grad.flatten()[i].item()) < 1e-6 + 1e-4 * abs(fd), (is_x, i, fd, grad.flatten()[i].item())
+
+
+def test_spd_solve_matches_float64_solve_and_its_gradients():
+    """Cholesky solve (with its hand-written backward) against torch.linalg.solve, value and gradients."""
+    from ssdd.distill.krr import spd_solve
+
+    torch.manual_seed(3)
+    g = torch.randn(9, 5, dtype=torch.float64)
+    a = (g @ g.T + 0.1 * torch.eye(9, dtype=torch.float64)).requires_grad_(True)
+    b = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 3, dtype=torch.float64)
+    ours = spd_solve(a, b)
+    ga, gb = torch.autograd.grad((ours * w).sum(), [a, b])
+    ref = torch.linalg.solve(a, b)
+    ra, rb = torch.autograd.grad((ref * w).sum(), [a, b])
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gb, rb, rtol=1e-9, atol=1e-9)
+    # A is symmetric: only the symmetric part of dA is defined by the solve; compare that
+    torch.testing.assert_close(ga + ga.T, ra + ra.T, rtol=1e-9, atol=1e-9)
+    sym = lambda t: (t + t.T) / 2  # noqa: E731
+    assert torch.autograd.gradcheck(lambda aa, bb: spd_solve(sym(aa), bb), (a.detach().clone().requires_grad_(),
+                                                                               b.detach().clone().requires_grad_()))
+
+
+def test_spd_solve_falls_back_to_lu_when_cholesky_fails():
+    """An indefinite matrix: Cholesky reports failure; the LU fallback still solves it, gradients too."""
+    from ssdd.distill.krr import spd_solve
+
+    a = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64, requires_grad=True)  # eigenvalues 3, -1
+    b = torch.tensor([[1.0], [0.0]], dtype=torch.float64, requires_grad=True)
+    assert int(torch.linalg.cholesky_ex(a.detach())[1]) != 0
+    x = spd_solve(a, b)
+    torch.testing.assert_close(x, torch.linalg.solve(a.detach(), b.detach()))
+    (gb,) = torch.autograd.grad(x.sum(), [b])
+    torch.testing.assert_close(gb, torch.linalg.solve(a.detach().T, torch.ones(2, 1, dtype=torch.float64)))
+
+
+def test_ridge_in_bf16_autocast_computes_in_float():
+    """Inside a bf16 autocast region the kernels and the solve still run in fp32/fp64."""
+    torch.manual_seed(0)
+    gs, gr, ys, tr = torch.randn(20, 30), torch.randn(15, 30), torch.randn(20, 4), torch.randn(15, 4)
+    exact = krr_st_loss(gs, gr, ys, tr, ridge=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = krr_st_loss(gs, gr, ys, tr, ridge=1e-6)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, exact)
+
+
+def _outer_setup(m=12, n=9, dtype=torch.float64, widths=(4, 6)):
+    torch.manual_seed(5)
+    model = build({"arch": "convnet", "in_channels": 1, "image_size": 8, "out_dim": 3, "widths": list(widths),
+                   "pool": "flatten"}).to(dtype)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        model(torch.randn(16, 1, 8, 8, dtype=dtype))
+    x_s = torch.randn(m, 1, 8, 8, dtype=dtype)
+    y_s = torch.randn(m, 3, dtype=dtype)
+    x_r, t_r = torch.randn(n, 1, 8, 8, dtype=dtype), torch.randn(n, 3, dtype=dtype)
+    return model, x_s, y_s, x_r, t_r
+
+
+def test_fast_outer_gradients_equal_plain_autograd_single_pass_and_chunked():
+    """The three-part gradient (features, ridge, backward), in one pass and chunk by chunk (m = 10,000's
+    path), equals autograd through the plain loss expression; the pool weights get no gradient."""
+    from ssdd.distill.krr_st import outer_grads
+
+    model, x_s, y_s, x_r, t_r = _outer_setup()
+    xs, ys = x_s.clone().requires_grad_(True), y_s.clone().requires_grad_(True)
+    ref_loss = outer_loss(model, xs, ys, x_r, t_r, 1e-3)
+    ref_x, ref_y = torch.autograd.grad(ref_loss, [xs, ys])
+    with torch.no_grad():
+        g_r = model.eval().features(x_r)
+    for chunk in (0, 5, 12, 100):
+        loss, d_x, d_y = outer_grads(model, x_s, y_s, g_r, t_r, 1e-3, chunk=chunk)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d_x, ref_x, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(d_y, ref_y, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_outer_step_stays_close_to_fp32():
+    """outer_grads inside bf16 autocast: loss within 1e-2 relative, image and target gradient cosine >= 0.99
+    to fp32, because the synthetic features entering the solve stay fp32 (computed in bf16, this setting
+    gives cosines of 0.8-0.9). The whole bf16 step (teacher and real features in bf16 too) is checked at
+    the paper config against the reference code by ``benchmarks/step_speed.py --check``."""
+    from ssdd.distill.krr_st import outer_grads
+
+    torch.manual_seed(5)
+    spec = {"arch": "convnet", "in_channels": 3, "image_size": 16, "out_dim": 8, "pool": "flatten"}
+    model = build({**spec, "widths": [32, 64]})
+    teacher = build({**spec, "widths": [8], "pool": "gap"}).eval()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, 3, 16, 16))
+    model.eval()
+    x_s, x_r = torch.randn(64, 3, 16, 16), torch.randn(256, 3, 16, 16)
+    with torch.no_grad():
+        y_s, t_r, g_r = teacher.features(x_s), teacher.features(x_r), model.features(x_r)
+    loss, d_x, d_y = outer_grads(model, x_s, y_s, g_r, t_r, 1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, d_x16, d_y16 = outer_grads(model, x_s, y_s, g_r, t_r, 1e-6)
+    assert abs(loss16.item() - loss.item()) <= 1e-2 * abs(loss.item())
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()  # noqa: E731
+    assert cos(d_x, d_x16) >= 0.99 and cos(d_y, d_y16) >= 0.99, (cos(d_x, d_x16), cos(d_y, d_y16))

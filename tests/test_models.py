@@ -28,3 +28,24 @@ def test_every_model_at_64px(arch):
     with torch.no_grad():
         assert model.features(x).shape == (2, model.feature_dim)
         assert model(x).shape == (2, 5)
+
+
+def test_folded_batchnorm_teacher_matches_the_original():
+    """BatchNorm folded into the convolutions: same features up to rounding, fewer modules."""
+    from ssdd.models.inference import fold_batchnorm
+    from ssdd.teacher.load import FeatureExtractor
+
+    torch.manual_seed(0)
+    model = FeatureExtractor(build({"arch": "resnet10", "in_channels": 3, "image_size": 16, "out_dim": 0}))
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16) * 2 + 1)
+    model.eval()
+    folded = fold_batchnorm(model)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    count = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    assert count(model) > 0 and count(folded) == 0
+    assert not model.training  # the original is left as it was

@@ -401,7 +401,7 @@ def run_compare(cfg: Any, out: str | Path, paper_table: str | Path | None = None
         if method.kind != "set":
             continue
         parts = {f"distill ({len(run.seeds())} seeds)": sum(times.get(f"distill/{name}/seed{k}", 0.0) for k in run.seeds())}
-        for prep in method.prep:
+        for prep in run.active_preps(method):
             parts[f"{prep} (shared)"] = times.get(f"prep/{prep}", 0.0)
         wall[name] = parts
     path = write_compare(out, artifacts.read_json(out / "results.json"), cfg.methods, baseline, paper_table, wall,

@@ -78,6 +78,13 @@ class KrrStConfig:
     pool_weight_decay: float = 1e-3
     check_batches: int = 4  # held-out real batches for the held-out loss check (first seed)
     check_models: int = 4
+    # speed (none of these changes the maths beyond rounding, except where said)
+    chunk: int = 2000  # synthetic images per pass; larger sets run chunk by chunk (same gradient; the
+    #                    pool's SGD step then takes BatchNorm statistics per chunk): bounds memory at m = 10,000
+    fold_teacher_bn: bool = True  # fold the teacher's BatchNorm into its convolutions for inference
+    compile_teacher: bool = False  # torch.compile the teacher (pays off after a few dozen steps; compiles ~0.5 min on CPU)
+    teacher_cache_views: int = 0  # >0: teacher features of this many fixed crop/flip views per source image, computed
+    #                               once and sampled from then on. CHANGES THE SAMPLING (K views instead of fresh ones)
 
 
 @dataclass
@@ -189,6 +196,7 @@ class Config:
     methods: list[str] = field(default_factory=lambda: ["krr_st", "random_subset", "no_pretrain", "full_ssl"])
     checkpoint_every: int = 1000  # steps between checkpoints of long stages (0 = by time and on stop only)
     checkpoint_minutes: float = 10.0  # ... and at least this often; neither changes results
+    precision: str = "auto"  # "auto": bf16 autocast where the hardware has native bf16, else fp32; "fp32"; "bf16"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # pool models and students
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -198,6 +206,7 @@ class Config:
 
 
 CHOICES = {
+    "precision": ("auto", "fp32", "bf16"),
     "distill.krr_st.pool_reset": ("fixed", "reference"),
     "distill.mkdt.init": ("high_loss", "random", "krr_st"),
     "distill.image_space": ("normalized", "reference"),

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ssdd import artifacts, report
+from ssdd import artifacts, precision, report
 from ssdd.config import Config, EvaluateConfig, fingerprint, to_dict
 from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
 from ssdd.data.formats import read_source
@@ -132,6 +132,7 @@ class Run:
 
     def __init__(self, cfg: Config, out: str | Path, device: str = "auto", progress: bool = True):
         self.cfg, self.out, self.device, self.progress = cfg, Path(out), resolve_device(device), progress
+        self.precision = precision.resolve(cfg.precision, self.device)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
         self.data_dir = self.out / "data"
@@ -149,6 +150,8 @@ class Run:
     # ---- bookkeeping ------------------------------------------------------------------
     def _fp(self, keys: tuple[str, ...], **extra: Any) -> str:
         full, picked = to_dict(self.cfg), dict(extra)
+        if keys != SECTIONS["prepare"]:  # bf16 and fp32 runs make different artifacts
+            picked["precision"] = self.precision
         for key in keys:
             value = full
             for part in key.split("."):
@@ -169,6 +172,10 @@ class Run:
         keys = SOURCE_KEYS + ("teacher", "model") + DISTILL_COMMON + method.needs
         keys += tuple(n for p in method.prep for n in registry.get_prep(p).needs)
         return self._fp(keys, method=method.name, k=k)
+
+    def active_preps(self, method: registry.Method) -> list[str]:
+        """The method's preparatory stages that this config switches on (optional ones may be off)."""
+        return [p for p in method.prep if registry.get_prep(p).enabled(self.cfg.distill)]
 
     def prep_fp(self, name: str) -> str:
         return self._fp(SOURCE_KEYS + ("teacher", "model") + DISTILL_COMMON + registry.get_prep(name).needs, prep=name)
@@ -248,6 +255,7 @@ class Run:
         stages = [only] if only else STAGES[:STAGES.index(until) + 1] if until else STAGES
         for stale in self.out.rglob(".*.tmp") if self.out.is_dir() else []:
             stale.unlink(missing_ok=True)  # a temp file left by a killed write is never an artifact
+        log.info("precision %s (config: %s) on %s", self.precision, self.cfg.precision, precision.describe(self.device))
         for stage in stages:
             if stage != "prepare":
                 self.preflight()
@@ -257,7 +265,7 @@ class Run:
             start = time.perf_counter()
             existed = {p for p in self.outputs(stage) if p.exists()}
             try:
-                with StopRequest() as stop:
+                with StopRequest() as stop, precision.use(self.precision):
                     self.stop = stop
                     getattr(self, f"stage_{stage}")()
             except BaseException:
@@ -376,7 +384,7 @@ class Run:
         source, heldout = self._source("train"), self._source("heldout")
         base = self.distill_context(source, heldout, cache={})
         for method in self.set_methods():
-            prep = {name: self._prep(name, base) for name in method.prep}
+            prep = {name: self._prep(name, base) for name in self.active_preps(method)}
             for k in self.seeds():
                 path, fp = distilled_path(self.out, method.name, k), self.method_fp(method, k)
                 if self._fresh(path, fp):
@@ -673,5 +681,6 @@ def diagnose_grad_variance(cfg: Config, out: str | Path, draws: int = 16, device
     run = Run(cfg, out, device, progress)
     run.run(until="teacher")
     ctx = run.distill_context(run._source("train"), run._source("heldout"), cache={})
-    write_grad_variance(ctx, Path(out), draws)
+    with precision.use(run.precision):
+        write_grad_variance(ctx, Path(out), draws)
     return Path(out)

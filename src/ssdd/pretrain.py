@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ssdd.config import PretrainConfig, TeacherConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.models import Encoder, build
+from ssdd.precision import autocast
 
 
 def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cfg: PretrainConfig, seed: int,
@@ -36,7 +37,9 @@ def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cf
         total = 0.0
         for i in range(0, len(images), batch):
             idx = order[i:i + batch]
-            loss = F.mse_loss(model(images[idx]), targets[idx])
+            with autocast(device):
+                out = model(images[idx])
+            loss = F.mse_loss(out.float(), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,22 +6,38 @@ import torch
 import torch.nn.functional as F
 
 
-def crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop after zero-padding by ``pad`` and random horizontal flip, per image."""
-    n, _, h, w = x.shape
+def crop_flip_params(n: int, pad: int, flip: bool, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of :func:`crop_flip` for ``n`` images: crop offsets ``dy``, ``dx`` in
+    [0, 2 pad] (None without padding) and the flip mask (None without flips)."""
+    dy = dx = mask = None
     if pad > 0:
+        dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    if flip:
+        mask = torch.rand(n, device=device, generator=generator) < 0.5
+    return dy, dx, mask
+
+
+def apply_crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor | None, dx: torch.Tensor | None,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """Crop each image at its offset after zero-padding by ``pad``, then flip where ``mask`` says."""
+    n, _, h, w = x.shape
+    if pad > 0 and dy is not None and dx is not None:
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chan, rows, cols]
-    if flip:
-        mask = torch.rand(n, device=x.device, generator=generator) < 0.5
+    if mask is not None:
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop after zero-padding by ``pad`` and random horizontal flip, per image."""
+    return apply_crop_flip(x, pad, *crop_flip_params(len(x), pad, flip, generator, x.device))
 
 
 def ssl_views(x: torch.Tensor, min_scale: float = 0.2, hue: float = 0.1) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from ssdd.distill import krr_st as _krr_st  # noqa: F401
 from ssdd.distill import mkdt as _mkdt  # noqa: F401
 from ssdd.distill import naive_bilevel as _naive_bilevel  # noqa: F401
 from ssdd.distill import subsets as _subsets  # noqa: F401
+from ssdd.distill import teacher_cache as _teacher_cache  # noqa: F401
 from ssdd.distill import variants as _variants  # noqa: F401
 from ssdd.distill.check import heldout_batches, heldout_losses
 from ssdd.distill.krr import krr_st_loss, ridge_predict

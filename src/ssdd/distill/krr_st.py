@@ -4,18 +4,24 @@ features of a pool model, predicts the teacher's features of real images."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ssdd.artifacts import restore_rng, rng_state
-from ssdd.data import BatchSampler
+from ssdd.config import DistillConfig, KrrStConfig
+from ssdd.data import BatchSampler, Normalizer
 from ssdd.data.augment import crop_flip
 from ssdd.distill.krr import krr_st_loss
 from ssdd.distill.pool import ModelPool
 from ssdd.distill.registry import DistillContext, DistilledSet, random_index, register
+from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.errors import UserError
 from ssdd.models import Encoder
+from ssdd.models.inference import inference_copy
+from ssdd.phases import NO_TIMER, NoTimer, PhaseTimer
+from ssdd.precision import autocast, full_precision
 
 
 @dataclass
@@ -31,7 +37,8 @@ class DistillResult:
 
 def outer_loss(model: Encoder, x_s: torch.Tensor, y_s: torch.Tensor, x_real: torch.Tensor,
                t_real: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The KRR-ST loss for one pool model (eval mode: BatchNorm running statistics)."""
+    """The KRR-ST loss for one pool model (eval mode: BatchNorm running statistics), as one
+    differentiable expression: the plain form, used by checks and as the tests' reference."""
     model.eval()
     g_s = model.features(x_s)
     with torch.no_grad():
@@ -39,7 +46,125 @@ def outer_loss(model: Encoder, x_s: torch.Tensor, y_s: torch.Tensor, x_real: tor
     return krr_st_loss(g_s, g_r, y_s, t_real, ridge)
 
 
-@register("krr_st", needs=("distill.krr_st",))
+def outer_grads(model: Encoder, x_s: torch.Tensor, y_s: torch.Tensor, g_r: torch.Tensor, t_real: torch.Tensor,
+                ridge: float, chunk: int = 0, timer: PhaseTimer | NoTimer = NO_TIMER
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The KRR-ST loss and its gradients w.r.t. ``x_s`` and ``y_s``, by the chain rule in three parts:
+    synthetic features ``G_s``; the small m x d ridge problem gives ``dL/dG_s`` and ``dL/dY_s``; back
+    through the network. The pool model's weights get no gradient.
+
+    One pass (fp32, ``m <= chunk``): the forward keeps its graph for the backward. Otherwise the
+    features are computed without a graph and each chunk is recomputed with its graph for its
+    backward: the same gradient (eval mode makes each image's features independent), one extra
+    forward, memory bounded by the chunk (m = 10,000 fits in 24 GB). Inside a bf16 autocast region
+    the features that enter the solve are still computed in fp32, because the solve amplifies their
+    rounding (bf16 features: image-gradient cosine 0.79 to fp32 in ``benchmarks/step_speed.py``'s
+    check; fp32 features with a bf16 backward: 0.998); the recomputed backward runs in bf16.
+    """
+    model.eval()
+    device = x_s.device
+    x_s = x_s.detach()
+    low_precision = torch.is_autocast_enabled(device.type)
+    step = chunk if 0 < chunk < len(x_s) else len(x_s)
+    one_pass = step == len(x_s) and not low_precision
+    with timer("synthetic_forward"):
+        if one_pass:
+            x_leaf = x_s.requires_grad_(True)
+            g_graph = model.features(x_leaf)
+            g_s = _wide(g_graph.detach())
+        else:
+            with torch.no_grad(), full_precision(device):
+                g_s = torch.cat([_wide(model.features(x_s[i:i + step])) for i in range(0, len(x_s), step)])
+    with timer("ridge"):
+        g_leaf = g_s.requires_grad_(True)
+        y_leaf = y_s.detach().requires_grad_(True)
+        loss = krr_st_loss(g_leaf, g_r, y_leaf, t_real, ridge)
+        d_g, d_y = torch.autograd.grad(loss, [g_leaf, y_leaf])
+    with timer("synthetic_backward"):
+        if one_pass:
+            (d_x,) = torch.autograd.grad(g_graph, [x_leaf], d_g.to(g_graph.dtype))
+        else:
+            parts = []
+            for i in range(0, len(x_s), step):
+                x_c = x_s[i:i + step].detach().requires_grad_(True)
+                g_c = model.features(x_c)  # in the caller's precision
+                (d_c,) = torch.autograd.grad(g_c, [x_c], d_g[i:i + step].to(g_c.dtype))
+                parts.append(d_c)
+            d_x = torch.cat(parts)
+    return loss.detach(), d_x.to(x_s.dtype), d_y
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """bf16 -> fp32; fp32 and fp64 unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class OuterStep:
+    """One KRR-ST outer step (DESIGN.md, "KRR-ST, exactly"), phase by phase: real batch and its
+    augmentation, teacher targets, real features of the picked pool model, synthetic forward, ridge
+    solve, synthetic backward, the AdamW update of ``X_s`` and ``Y_s``, the pool update.
+
+    The benchmark (``benchmarks/step_speed.py``) times exactly this object, with a
+    :class:`ssdd.phases.PhaseTimer`.
+    """
+
+    def __init__(self, x_s: torch.Tensor, y_s: torch.Tensor, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, pool: Any, sampler: BatchSampler,
+                 aug_gen: torch.Generator, teacher: torch.nn.Module, norm: Normalizer, cfg: DistillConfig,
+                 cache: CachedTeacher | None = None):
+        self.x_s, self.y_s, self.opt, self.sched, self.pool = x_s, y_s, opt, sched, pool
+        self.sampler, self.aug_gen, self.teacher, self.norm, self.cfg = sampler, aug_gen, teacher, norm, cfg
+        self.cache = cache
+        self.device = x_s.device
+
+    def real_batch(self, timer: PhaseTimer | NoTimer = NO_TIMER) -> tuple[torch.Tensor, torch.Tensor]:
+        """An augmented real batch (normalised) and its teacher targets."""
+        cfg, device = self.cfg, self.device
+        with timer("data"):
+            index = self.sampler.next_index()
+            real = self.sampler.images[index]
+            if self.cache is not None:
+                real, t_real = self.cache.batch(real, index, self.aug_gen)
+            else:
+                real = crop_flip(real, cfg.crop_pad, cfg.flip, self.aug_gen)
+            x_real = self.norm(real).contiguous(memory_format=torch.channels_last)
+        if self.cache is None:
+            with timer("teacher"), torch.inference_mode(), autocast(device):
+                t_real = self.teacher(x_real).float()
+        return x_real, t_real
+
+    def __call__(self, step: int, timer: PhaseTimer | NoTimer = NO_TIMER) -> float:
+        k, device = self.cfg.krr_st, self.device
+        x_real, t_real = self.real_batch(timer)
+        idx = self.pool.pick()
+        model = self.pool.models[idx]
+        with timer("real_features"):
+            model.eval()
+            with torch.inference_mode(), autocast(device):
+                g_r = model.features(x_real).float()
+            g_r, t_real = g_r.clone(), t_real.clone()  # out of inference mode: the ridge graph keeps them
+        loss, d_x, d_y = outer_grads(model, self.x_s, self.y_s, g_r, t_real, k.ridge, k.chunk, timer)
+        if not torch.isfinite(loss):
+            raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
+                            f"{t_real.abs().max().item():.3g}; synthetic images finite: "
+                            f"{bool(torch.isfinite(self.x_s).all())}); lower distill.krr_st.lr_images / "
+                            "distill.krr_st.pool_lr or check the teacher (last checkpoint kept)")
+        with timer("outer_update"):
+            self.x_s.grad, self.y_s.grad = d_x, d_y
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.sched.step()
+        with timer("pool_update"):
+            self.pool.train_step(idx, self.x_s, self.y_s)
+        return loss.item()
+
+
+def make_teacher(teacher: torch.nn.Module, k: KrrStConfig) -> torch.nn.Module:
+    """The teacher as the outer loop runs it: BatchNorm folded and/or compiled, per the config."""
+    return inference_copy(teacher, fold_bn=k.fold_teacher_bn, compile=k.compile_teacher)
+
+
+@register("krr_st", needs=("distill.krr_st",), prep=("teacher_views",))
 def krr_st(ctx: DistillContext) -> DistilledSet:
     """KRR-ST: synthetic images and targets whose ridge head on pool-model features predicts the teacher."""
     result = distill_krr_st(ctx)
@@ -90,7 +215,7 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
     decay = lambda t: 1.0 - (1.0 - k.final_lr_ratio) * t / max(1, k.steps - 1)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     pool = pool or ModelPool(ctx.spec, k.pool_size, k.pool_max_age, k.pool_reset, k.pool_lr, k.pool_momentum,
-                             k.pool_weight_decay, device, ctx.seed)
+                             k.pool_weight_decay, device, ctx.seed, chunk=k.chunk)
     sampler = BatchSampler(ctx.source, cfg.batch, device, ctx.seed + 1)
     aug_gen = torch.Generator(device=device).manual_seed(ctx.seed + 2)
     losses: list[float] = []
@@ -115,26 +240,12 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
                 "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), **rng_state(),
                 "losses": list(losses)}
 
+    cache = CachedTeacher(ctx.prep["teacher_views"], cfg.crop_pad, device) if "teacher_views" in ctx.prep else None
+    outer_step = OuterStep(x_s, y_s, opt, sched, pool, sampler, aug_gen, make_teacher(teacher, k), norm, cfg, cache)
     bar = tqdm(range(len(losses), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
                dynamic_ncols=True, initial=len(losses), total=k.steps)
     for step in bar:
-        real, _ = sampler.next()
-        x_real = norm(crop_flip(real, cfg.crop_pad, cfg.flip, aug_gen))
-        with torch.no_grad():
-            t_real = teacher(x_real)
-        idx = pool.pick()
-        loss = outer_loss(pool.models[idx], x_s, y_s, x_real, t_real, k.ridge)
-        if not torch.isfinite(loss):
-            raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
-                            f"{t_real.abs().max().item():.3g}; synthetic images finite: {bool(torch.isfinite(x_s).all())}); "
-                            "lower distill.krr_st.lr_images / distill.krr_st.pool_lr or check the teacher "
-                            "(last checkpoint kept)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        pool.train_step(idx, x_s, y_s)
-        losses.append(loss.item())
+        losses.append(outer_step(step))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         hooks.after_step(step + 1, k.steps, state, "distill")
     return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, losses, pool.reinits)

@@ -1,9 +1,10 @@
 """The model pool: P feature extractors of different ages whose kernels KRR-ST matches.
 
-Each pick trains the model one SGD step on the synthetic set; a model that reaches
-``max_age`` steps is re-initialised. ``reset="fixed"`` (default) restarts its age at 0;
-``reset="reference"`` keeps counting as the reference code does, so from then on that model
-is re-initialised after every pick.
+Each pick trains the model one SGD step on the synthetic set. ``reset="fixed"`` (default): a model
+that reaches ``max_age`` steps is re-initialised right after that step and its age restarts at 0.
+``reset="reference"`` follows the reference code exactly: the step *after* a model reached
+``max_age`` re-initialises it instead of training it, and the counter is never reset, so from then
+on that model is re-initialised (untrained) on every pick.
 """
 
 from __future__ import annotations
@@ -15,21 +16,25 @@ import torch
 import torch.nn.functional as F
 
 from ssdd.models import Encoder, build
+from ssdd.precision import autocast, full_precision
 
 
 class ModelPool:
     def __init__(self, spec: dict[str, Any], size: int, max_age: int, reset: str = "fixed", lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 1e-3, device: torch.device | str = "cpu",
-                 seed: int = 0):
+                 seed: int = 0, chunk: int = 0):
+        """``chunk`` > 0 splits the SGD step over the synthetic set into chunks of that many images with
+        accumulated gradients (BatchNorm statistics then come per chunk): the memory bound for large m."""
         if reset not in ("fixed", "reference"):
             raise ValueError(f"reset must be 'fixed' or 'reference', got {reset!r}")
-        self.spec, self.size, self.max_age, self.reset = spec, size, max_age, reset
+        self.spec, self.size, self.max_age, self.reset, self.chunk = spec, size, max_age, reset, chunk
         self.opt_args = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.device = device
         self.rng = random.Random(seed)
         self.models: list[Encoder] = []
         self.optimizers: list[torch.optim.Optimizer] = []
-        self.ages: list[int] = []
+        self.ages: list[int] = []  # the step counter that decides re-initialisation
+        self.trained: list[int] = []  # SGD steps since the model's last (re-)initialisation
         self.reinits = 0
 
     def _fresh(self) -> tuple[Encoder, torch.optim.Optimizer]:
@@ -41,6 +46,7 @@ class ModelPool:
         self.models.append(model.to(self.device))
         self.optimizers.append(torch.optim.SGD(model.parameters(), **self.opt_args))
         self.ages.append(0)
+        self.trained.append(0)
         return len(self.models) - 1
 
     def populate(self, x_s: torch.Tensor, y_s: torch.Tensor) -> None:
@@ -53,16 +59,18 @@ class ModelPool:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: weights, optimizer moments, ages, the pick RNG."""
         return {"models": [m.state_dict() for m in self.models], "optimizers": [o.state_dict() for o in self.optimizers],
-                "ages": list(self.ages), "reinits": self.reinits, "rng": list(self.rng.getstate()[1]),
-                "rng_version": self.rng.getstate()[0], "rng_gauss": self.rng.getstate()[2]}
+                "ages": list(self.ages), "trained": list(self.trained), "reinits": self.reinits,
+                "rng": list(self.rng.getstate()[1]), "rng_version": self.rng.getstate()[0],
+                "rng_gauss": self.rng.getstate()[2]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.models, self.optimizers, self.ages = [], [], []
+        self.models, self.optimizers, self.ages, self.trained = [], [], [], []
         for model_state, opt_state, age in zip(state["models"], state["optimizers"], state["ages"]):
             idx = self.add(build(self.spec))
             self.models[idx].load_state_dict(model_state)
             self.optimizers[idx].load_state_dict(opt_state)
             self.ages[idx] = int(age)
+        self.trained = [int(t) for t in state.get("trained", self.ages)]
         self.reinits = int(state["reinits"])
         self.rng.setstate((state["rng_version"], tuple(state["rng"]), state["rng_gauss"]))
 
@@ -72,19 +80,36 @@ class ModelPool:
     def _sgd_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float:
         model, opt = self.models[idx], self.optimizers[idx]
         model.train()
-        loss = F.mse_loss(model(x_s.detach()), y_s.detach())
+        x_s, y_s = x_s.detach(), y_s.detach()
+        chunk = self.chunk if 0 < self.chunk < len(x_s) else len(x_s)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for i in range(0, len(x_s), chunk):
+            with autocast(self.device):
+                out = model(x_s[i:i + chunk])
+            with full_precision(self.device):  # the mean over the whole set, accumulated chunk by chunk
+                loss = F.mse_loss(out.float(), y_s[i:i + chunk].float(), reduction="sum") / y_s.numel()
+            loss.backward()
+            total += loss.item()
         opt.step()
         self.ages[idx] += 1
-        return loss.item()
+        self.trained[idx] += 1
+        return total
 
-    def train_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float:
-        """One SGD step of model ``idx`` on MSE(model(x_s), y_s); re-initialise it when old enough."""
+    def _reinit(self, idx: int) -> None:
+        self.models[idx], self.optimizers[idx] = self._fresh()
+        self.trained[idx] = 0
+        self.reinits += 1
+
+    def train_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float | None:
+        """The pool update after model ``idx`` served the outer loss: one SGD step of it on
+        MSE(model(x_s), y_s), or its re-initialisation (see the module docstring). Returns the
+        step's loss, or None when the model was re-initialised instead of trained."""
+        if self.reset == "reference" and self.ages[idx] >= self.max_age:
+            self._reinit(idx)
+            return None
         loss = self._sgd_step(idx, x_s, y_s)
-        if self.ages[idx] >= self.max_age:
-            self.models[idx], self.optimizers[idx] = self._fresh()
-            self.reinits += 1
-            if self.reset == "fixed":
-                self.ages[idx] = 0
+        if self.reset == "fixed" and self.ages[idx] >= self.max_age:
+            self._reinit(idx)
+            self.ages[idx] = 0
         return loss

@@ -129,6 +129,7 @@ class Prep:
     name: str
     run: Callable[[DistillContext], dict[str, torch.Tensor]]
     needs: tuple[str, ...] = ()
+    enabled: Callable[[DistillConfig], bool] = lambda cfg: True  # an optional stage runs only when this says so
 
 
 _METHODS: dict[str, Method] = {}
@@ -144,9 +145,10 @@ def register(name: str, *, kind: str = "set", needs: tuple[str, ...] = (), prep:
     return wrap
 
 
-def register_prep(name: str, *, needs: tuple[str, ...] = ()) -> Callable:
+def register_prep(name: str, *, needs: tuple[str, ...] = (),
+                  enabled: Callable[[DistillConfig], bool] = lambda cfg: True) -> Callable:
     def wrap(fn: Callable[[DistillContext], dict[str, torch.Tensor]]) -> Callable:
-        _PREPS[name] = Prep(name, fn, tuple(needs))
+        _PREPS[name] = Prep(name, fn, tuple(needs), enabled)
         return fn
     return wrap
 

@@ -58,7 +58,7 @@ class ExpertPool:
         self.rng.setstate((state["rng_version"], tuple(state["rng"]), state["rng_gauss"]))
 
 
-@register("krr_st_experts", needs=("distill.krr_st", "distill.experts"), prep=("experts",))
+@register("krr_st_experts", needs=("distill.krr_st", "distill.experts"), prep=("experts", "teacher_views"))
 def krr_st_experts(ctx: DistillContext) -> DistilledSet:
     """KRR-ST with the KD experts' snapshots as its model pool."""
     pool = ExpertPool(ctx.spec, ctx.prep["experts"]["trajectories"], ctx.device, ctx.seed)

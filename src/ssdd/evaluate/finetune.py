@@ -18,6 +18,7 @@ from ssdd.config import EvaluateConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
 from ssdd.models import Encoder
+from ssdd.precision import autocast
 
 
 @torch.no_grad()
@@ -25,7 +26,8 @@ def accuracy(model: Encoder, test: ImageSet, norm: Normalizer, device: torch.dev
     model.eval()
     correct = 0
     for i in range(0, len(test), chunk):
-        logits = model(norm(test.images[i:i + chunk].to(device)))
+        with autocast(device):
+            logits = model(norm(test.images[i:i + chunk].to(device)))
         correct += (logits.argmax(1).cpu() == test.labels[i:i + chunk]).sum().item()
     return correct / len(test)
 
@@ -51,7 +53,9 @@ def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateC
     for _ in tqdm(range(cfg.finetune_iters), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         x, y = sampler.next()
         x = norm(crop_flip(x, cfg.finetune_crop_pad, cfg.finetune_flip, gen))
-        loss = F.cross_entropy(model(x), y)
+        with autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

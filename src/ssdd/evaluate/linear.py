@@ -22,6 +22,7 @@ from torch import nn
 from ssdd.data import Normalizer
 from ssdd.errors import UserError
 from ssdd.models import Encoder
+from ssdd.precision import autocast
 
 PROBE_FEATURES = ("gap", "flatten")
 
@@ -60,8 +61,9 @@ def frozen_features(encoder: Encoder, images_u8: torch.Tensor, norm: Normalizer,
     """Features of ``images_u8`` (uint8, N×C×H×W) as float32, ``mode`` as :func:`probe_extractor`."""
     encoder.eval()
     extract = probe_extractor(encoder, mode)
-    out = [extract(norm(images_u8[i:i + chunk].to(device))).float().cpu()
-           for i in range(0, len(images_u8), chunk)]
+    with autocast(device):
+        out = [extract(norm(images_u8[i:i + chunk].to(device))).float().cpu()
+               for i in range(0, len(images_u8), chunk)]
     return torch.cat(out).numpy()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssdd.precision import full_precision
+
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Per-dimension standardisation over the batch, as BatchNorm1d(affine=False) in training mode."""
@@ -16,11 +18,13 @@ def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, redundancy_weight: float = 5e-3) -> torch.Tensor:
     """sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2, C the cross-correlation of the standardised views."""
     n = len(z1)
-    c = standardize(z1).T @ standardize(z2) / n
-    diag = torch.diagonal(c)
-    on_diag = (diag - 1).pow(2).sum()
-    off_diag = c.pow(2).sum() - diag.pow(2).sum()
-    return on_diag + redundancy_weight * off_diag
+    with full_precision(z1.device):  # fp32 even inside a bf16 autocast region
+        dtype = torch.promote_types(z1.dtype, torch.float32)
+        c = standardize(z1.to(dtype)).T @ standardize(z2.to(dtype)) / n
+        diag = torch.diagonal(c)
+        on_diag = (diag - 1).pow(2).sum()
+        off_diag = c.pow(2).sum() - diag.pow(2).sum()
+        return on_diag + redundancy_weight * off_diag
 
 
 def projector(in_dim: int, dims: list[int]) -> nn.Sequential:

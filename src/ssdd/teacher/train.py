@@ -17,6 +17,7 @@ from ssdd.data.augment import ssl_views
 from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder, build, model_spec
 from ssdd.models.ssl import barlow_twins_loss, projector
+from ssdd.precision import autocast
 
 
 @dataclass
@@ -70,7 +71,9 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         x, _ = sampler.next()
         x = x.float() / 255
         v1, v2 = norm.normalize_unit(views(x)), norm.normalize_unit(views(x))
-        loss = barlow_twins_loss(proj(encoder.features(v1)), proj(encoder.features(v2)), cfg.redundancy_weight)
+        with autocast(device):
+            z1, z2 = proj(encoder.features(v1)), proj(encoder.features(v2))
+        loss = barlow_twins_loss(z1, z2, cfg.redundancy_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

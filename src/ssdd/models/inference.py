@@ -1,0 +1,43 @@
+"""Inference-only copies of a frozen network: BatchNorm folded into the convolutions, optionally compiled.
+
+The teacher is evaluated on every real batch of the distillation; folding its BatchNorm layers
+saves one pass over every activation map (about 15 % of a ResNet-18 forward on a CPU), and
+``torch.compile`` fuses the remaining element-wise work. Both change results only by rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("ssdd")
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with each Conv->BatchNorm pair folded into one convolution
+    (``torch.fx``'s fuser). Modules fx cannot trace (TorchScript, data-dependent control flow) are
+    returned unchanged."""
+    from torch.fx.experimental.optimization import fuse
+
+    was_training = model.training
+    model.eval()
+    try:
+        folded = fuse(model)
+    except Exception as err:  # untraceable: keep the original module
+        log.info("teacher: BatchNorm not folded (%s)", str(err).splitlines()[0][:120] if str(err) else type(err).__name__)
+        folded = model
+    finally:
+        model.train(was_training)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded.eval()
+
+
+def inference_copy(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:
+    """The fastest exact-up-to-rounding stand-in for a frozen ``model`` in eval mode."""
+    out = fold_batchnorm(model) if fold_bn else model.eval()
+    if compile:
+        out = torch.compile(out)
+    return out
