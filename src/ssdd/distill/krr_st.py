@@ -53,29 +53,28 @@ def outer_grads(model: Encoder, x_s: torch.Tensor, y_s: torch.Tensor, g_r: torch
     synthetic features ``G_s``; the small m x d ridge problem gives ``dL/dG_s`` and ``dL/dY_s``; back
     through the network. The pool model's weights get no gradient.
 
-    One pass (fp32, ``m <= chunk``): the forward keeps its graph for the backward. Otherwise the
-    features are computed without a graph and each chunk is recomputed with its graph for its
-    backward: the same gradient (eval mode makes each image's features independent), one extra
-    forward, memory bounded by the chunk (m = 10,000 fits in 24 GB). Inside a bf16 autocast region
-    the features that enter the solve are still computed in fp32, because the solve amplifies their
-    rounding (bf16 features: image-gradient cosine 0.79 to fp32 in ``benchmarks/step_speed.py``'s
-    check; fp32 features with a bf16 backward: 0.998); the recomputed backward runs in bf16.
+    One pass (``m <= chunk``): the forward keeps its graph for the backward. Otherwise the features
+    are computed without a graph and each chunk is recomputed with its graph for its backward: the
+    same gradient (eval mode makes each image's features independent), one extra forward, memory
+    bounded by the chunk (m = 10,000 fits in 24 GB). Network passes run in the caller's precision;
+    the ridge part, forward and backward, always in fp32/fp64: under bf16 autocast the backward ops
+    of the solve would otherwise run in bf16 too, which turned the image-gradient cosine to fp32 from
+    0.998 into 0.79 in ``benchmarks/step_speed.py``'s check.
     """
     model.eval()
     device = x_s.device
     x_s = x_s.detach()
-    low_precision = torch.is_autocast_enabled(device.type)
     step = chunk if 0 < chunk < len(x_s) else len(x_s)
-    one_pass = step == len(x_s) and not low_precision
+    one_pass = step == len(x_s)
     with timer("synthetic_forward"):
         if one_pass:
             x_leaf = x_s.requires_grad_(True)
             g_graph = model.features(x_leaf)
             g_s = _wide(g_graph.detach())
         else:
-            with torch.no_grad(), full_precision(device):
+            with torch.no_grad():
                 g_s = torch.cat([_wide(model.features(x_s[i:i + step])) for i in range(0, len(x_s), step)])
-    with timer("ridge"):
+    with timer("ridge"), full_precision(device):  # backward ops too would follow an enclosing autocast
         g_leaf = g_s.requires_grad_(True)
         y_leaf = y_s.detach().requires_grad_(True)
         loss = krr_st_loss(g_leaf, g_r, y_leaf, t_real, ridge)
