@@ -42,7 +42,7 @@ from ssdd import precision
 from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
-from ssdd.distill.krr_st import OuterStep, make_teacher, outer_grads
+from ssdd.distill.krr_st import FoldedFeatures, OuterStep, make_teacher, outer_grads
 from ssdd.distill.pool import ModelPool
 from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.models import build
@@ -129,7 +129,7 @@ def ssdd_stepper(images: torch.Tensor, norm: Normalizer, teacher, conf: dict, de
     cfg = DistillConfig(m=conf["m"], batch=conf["batch"], krr_st=k)
     spec = {"arch": "convnet", "in_channels": 3, "image_size": conf["size"], "out_dim": 512,
             "widths": conf["widths"], "pool": "flatten"}
-    x_s = norm(images[:conf["m"]].to(device)).requires_grad_(True)
+    x_s = norm(images[:conf["m"]].to(device)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     with torch.no_grad():
         y_s = teacher(x_s).clone().requires_grad_(True)
     opt = torch.optim.AdamW([x_s, y_s], lr=k.lr_images, weight_decay=0.0)
@@ -270,27 +270,44 @@ def check_maths(official, images: torch.Tensor, norm: Normalizer, teacher, conf:
     teacher_nchw = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format).eval()
     with torch.no_grad():
         y_s = teacher_nchw(x_s)
-    # reference: one call of their step with a zero learning rate (so nothing moves before we read the gradient)
-    x_syn, y_syn = x_s.clone().requires_grad_(True), y_s.clone().requires_grad_(True)
-    opt = torch.optim.SGD([x_syn, y_syn], lr=0.0)
-    ref_loss = distill_mod.run(args, device, teacher_nchw, pool, opt, iter([(x_real, None)]), torch.nn.Identity(),
-                               x_syn, y_syn).item()
-    ref_grad = x_syn.grad.detach().clone()
-    # ssdd: its teacher (folded), its step's gradient function, at the requested precision
+    def official_run(dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+        """One call of their step with a zero learning rate (nothing moves before the gradient is read)."""
+        pool.models[0] = ref_model.to(dtype)
+        x_syn, y_syn = x_s.to(dtype).clone().requires_grad_(True), y_s.to(dtype).clone().requires_grad_(True)
+        opt = torch.optim.SGD([x_syn, y_syn], lr=0.0)
+        loss = distill_mod.run(args, device, teacher_nchw.to(dtype), pool, opt, iter([(x_real.to(dtype), None)]),
+                               torch.nn.Identity(), x_syn, y_syn).item()
+        return loss, x_syn.grad.detach().clone()
+
+    state = copy.deepcopy(ref_model.state_dict())
+    ref_loss, ref_grad = official_run(torch.float32)
+    ref_model.load_state_dict(state)  # their step trained the model after reading the gradient
+    exact_loss, exact_grad = official_run(torch.float64)
+    ref_model.to(torch.float32).load_state_dict(state)
+    teacher_nchw.to(torch.float32)
+    # ssdd: its teacher (folded, compiled as configured) and its step's gradient function, at the precision
     fast_teacher = make_teacher(teacher, k)
+    model = FoldedFeatures(ours.eval()) if k.fold_bn else ours.eval()
     x_cl = x_real.contiguous(memory_format=torch.channels_last)
+    x_s_cl = x_s.contiguous(memory_format=torch.channels_last)
     with precision.use(prec):
         with torch.inference_mode(), precision.autocast(device):
             t_real = fast_teacher(x_cl).float()
-            g_r = ours.eval().features(x_cl).float()
+            g_r = model.features(x_cl).float()
         with precision.autocast(device):
-            loss, d_x, _ = outer_grads(ours, x_s, y_s, g_r.clone(), t_real.clone(), k.ridge, k.chunk)
-    cosine = torch.nn.functional.cosine_similarity(d_x.flatten().double(), ref_grad.flatten().double(), dim=0).item()
+            loss, d_x, _ = outer_grads(model, x_s_cl, y_s, g_r.clone(), t_real.clone(), k.ridge, k.chunk)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()  # noqa: E731
     rel = abs(loss.item() - ref_loss) / abs(ref_loss)
     bound = (1e-5, 0.9999) if prec == "fp32" else (1e-2, 0.99)
     return {"check": prec, "official_loss": ref_loss, "ssdd_loss": loss.item(), "loss_rel_diff": rel,
-            "grad_cosine": cosine, "bounds": {"loss_rel": bound[0], "grad_cosine": bound[1]},
-            "within_bounds": rel <= bound[0] and cosine >= bound[1]}
+            "grad_cosine": cos(d_x, ref_grad), "bounds": {"loss_rel": bound[0], "grad_cosine": bound[1]},
+            "within_bounds": rel <= bound[0] and cos(d_x, ref_grad) >= bound[1],
+            "float64_truth": {"note": "the reference code run in float64 on the same inputs and weights",
+                              "loss": exact_loss,
+                              "official_fp32_loss_rel_err": abs(ref_loss - exact_loss) / abs(exact_loss),
+                              "ssdd_loss_rel_err": abs(loss.item() - exact_loss) / abs(exact_loss),
+                              "official_fp32_grad_cosine": cos(ref_grad, exact_grad),
+                              "ssdd_grad_cosine": cos(d_x, exact_grad)}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -301,9 +318,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=precision.CHOICES, default="auto", help="ssdd's precision (default auto)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--impl", choices=("both", "ssdd", "official"), default="both")
-    p.add_argument("--variants", nargs="*", default=[], choices=("fp32", "cache", "nofold", "compile"),
+    p.add_argument("--variants", nargs="*", default=[],
+                   choices=("fp32", "cache", "fp32-cache", "nofold", "nocompile", "fp32-nocompile"),
                    help="also time ssdd with: exact fp32, the teacher-feature cache (--cache-views), no BN folding, "
-                        "a compiled teacher")
+                        "an eager teacher (the default compiles it, as a paper-length run does)")
     p.add_argument("--cache-views", type=int, default=8)
     p.add_argument("--check", action="store_true", help="compare loss and gradient with the reference code")
     p.add_argument("--m", type=int, help="override the config's m")
@@ -327,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"benchmark": "step_speed", **header}), flush=True)
 
     def run_ssdd(label: str, conf: dict, prec: str, **kw) -> dict:
-        k = KrrStConfig(chunk=args.chunk, fold_teacher_bn=kw.get("fold", True), compile_teacher=kw.get("compile", False))
+        k = KrrStConfig(chunk=args.chunk, fold_bn=kw.get("fold", True), compile_teacher=kw.get("compile", "auto"))
         with precision.use(prec):
             stepper = ssdd_stepper(images, norm, teacher, conf, device, k, kw.get("cache", 0))
             timer = PhaseTimer(device)
@@ -356,10 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.impl in ("both", "ssdd"):
         results["ssdd"] = run_ssdd("default", conf, prec)
         for variant in args.variants:
-            kw = {"fp32": dict(), "cache": dict(cache=args.cache_views), "nofold": dict(fold=False),
-                  "compile": dict(compile=True)}[variant]
-            vprec = "fp32" if variant == "fp32" else prec
-            results[variant] = run_ssdd(variant if variant != "cache" else f"cache{args.cache_views}", conf, vprec, **kw)
+            kw = {"fp32": dict(), "cache": dict(cache=args.cache_views), "fp32-cache": dict(cache=args.cache_views),
+                  "nofold": dict(fold=False), "nocompile": dict(compile="off"),
+                  "fp32-nocompile": dict(compile="off")}[variant]
+            vprec = "fp32" if variant.startswith("fp32") else prec
+            results[variant] = run_ssdd(variant.replace("cache", f"cache{args.cache_views}"), conf, vprec, **kw)
     official_dir = os.environ.get("KRRST_OFFICIAL_DIR")
     if args.impl in ("both", "official"):
         if not official_dir:

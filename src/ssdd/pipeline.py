@@ -150,8 +150,8 @@ class Run:
     # ---- bookkeeping ------------------------------------------------------------------
     def _fp(self, keys: tuple[str, ...], **extra: Any) -> str:
         full, picked = to_dict(self.cfg), dict(extra)
-        if keys != SECTIONS["prepare"]:  # bf16 and fp32 runs make different artifacts
-            picked["precision"] = self.precision
+        if keys != SECTIONS["prepare"] and self.precision != "fp32":  # bf16 runs make other artifacts; fp32
+            picked["precision"] = self.precision  # fingerprints stay those of runs made before precision existed
         for key in keys:
             value = full
             for part in key.split("."):

@@ -19,7 +19,7 @@ from ssdd.distill.registry import DistillContext, DistilledSet, random_index, re
 from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.errors import UserError
 from ssdd.models import Encoder
-from ssdd.models.inference import inference_copy
+from ssdd.models.inference import fold_batchnorm, inference_copy
 from ssdd.phases import NO_TIMER, NoTimer, PhaseTimer
 from ssdd.precision import autocast, full_precision
 
@@ -139,10 +139,13 @@ class OuterStep:
         model = self.pool.models[idx]
         with timer("real_features"):
             model.eval()
+            if k.fold_bn:  # the outer loss sees the model in eval mode: BatchNorm is an affine map, folded away
+                model = FoldedFeatures(model)
             with torch.inference_mode(), autocast(device):
                 g_r = model.features(x_real).float()
             g_r, t_real = g_r.clone(), t_real.clone()  # out of inference mode: the ridge graph keeps them
-        loss, d_x, d_y = outer_grads(model, self.x_s, self.y_s, g_r, t_real, k.ridge, k.chunk, timer)
+        with autocast(device):
+            loss, d_x, d_y = outer_grads(model, self.x_s, self.y_s, g_r, t_real, k.ridge, k.chunk, timer)
         if not torch.isfinite(loss):
             raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
                             f"{t_real.abs().max().item():.3g}; synthetic images finite: "
@@ -158,9 +161,22 @@ class OuterStep:
         return loss.item()
 
 
+class FoldedFeatures(torch.nn.Module):
+    """``features`` of an eval-mode encoder with BatchNorm folded into its convolutions (a throw-away copy
+    per step: the pool model keeps training unfolded)."""
+
+    def __init__(self, model: Encoder):
+        super().__init__()
+        self.folded = fold_batchnorm(model.backbone)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.folded(x)
+
+
 def make_teacher(teacher: torch.nn.Module, k: KrrStConfig) -> torch.nn.Module:
     """The teacher as the outer loop runs it: BatchNorm folded and/or compiled, per the config."""
-    return inference_copy(teacher, fold_bn=k.fold_teacher_bn, compile=k.compile_teacher)
+    compile = k.compile_teacher == "on" or (k.compile_teacher == "auto" and k.steps >= 1000)
+    return inference_copy(teacher, fold_bn=k.fold_bn, compile=compile)
 
 
 @register("krr_st", needs=("distill.krr_st",), prep=("teacher_views",))
@@ -207,7 +223,7 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
     teacher.eval()
     index = ctx.init_index
     x0, y0 = ctx.to_space(ctx.source.images[index]), ctx.targets_for(index)
-    x_s = x0.clone().requires_grad_(True)
+    x_s = x0.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # as the models' weights
     y_s = y0.clone().requires_grad_(True)
     opt = torch.optim.AdamW([{"params": [x_s], "lr": k.lr_images}, {"params": [y_s], "lr": k.lr_targets}],
                             weight_decay=0.0)

@@ -35,9 +35,26 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded.eval()
 
 
+class CompiledOrEager(nn.Module):
+    """``torch.compile(model)``, falling back to ``model`` itself if compiling fails on first use
+    (e.g. no C++ compiler for inductor's CPU kernels): a speed option must never stop a run."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.compiled, self.failed = model, torch.compile(model), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # compiler missing or op unsupported: run eagerly
+                self.failed = True
+                log.warning("torch.compile failed (%s); running the teacher eagerly",
+                            str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__)
+        return self.model(x)
+
+
 def inference_copy(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:
     """The fastest exact-up-to-rounding stand-in for a frozen ``model`` in eval mode."""
     out = fold_batchnorm(model) if fold_bn else model.eval()
-    if compile:
-        out = torch.compile(out)
-    return out
+    return CompiledOrEager(out) if compile else out
