@@ -42,7 +42,8 @@ from ssdd import precision
 from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
-from ssdd.distill.krr_st import FoldedFeatures, OuterStep, make_teacher, outer_grads
+from ssdd.distill.krr_st import FoldedFeatures, OuterStep, _forward, make_teacher, outer_grads, use_compile
+from ssdd.models.inference import CompiledCall
 from ssdd.distill.pool import ModelPool
 from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.models import build
@@ -135,7 +136,8 @@ def ssdd_stepper(images: torch.Tensor, norm: Normalizer, teacher, conf: dict, de
     opt = torch.optim.AdamW([x_s, y_s], lr=k.lr_images, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
     torch.manual_seed(1)
-    pool = ModelPool(spec, conf["pool_size"], k.pool_max_age, device=device, seed=0, chunk=k.chunk)
+    pool = ModelPool(spec, conf["pool_size"], k.pool_max_age, device=device, seed=0, chunk=k.chunk,
+                     forward=CompiledCall(_forward) if use_compile(k) else None)
     for _ in range(conf["pool_size"]):
         pool.add(build(spec))
     data = ImageSet(images)
@@ -287,7 +289,8 @@ def check_maths(official, images: torch.Tensor, norm: Normalizer, teacher, conf:
     teacher_nchw.to(torch.float32)
     # ssdd: its teacher (folded, compiled as configured) and its step's gradient function, at the precision
     fast_teacher = make_teacher(teacher, k)
-    model = FoldedFeatures(ours.eval()) if k.fold_bn else ours.eval()
+    ours.eval()  # as OuterStep passes the picked model
+    model = FoldedFeatures(ours) if k.fold_bn else ours
     x_cl = x_real.contiguous(memory_format=torch.channels_last)
     x_s_cl = x_s.contiguous(memory_format=torch.channels_last)
     with precision.use(prec):
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"benchmark": "step_speed", **header}), flush=True)
 
     def run_ssdd(label: str, conf: dict, prec: str, **kw) -> dict:
-        k = KrrStConfig(chunk=args.chunk, fold_bn=kw.get("fold", True), compile_teacher=kw.get("compile", "auto"))
+        k = KrrStConfig(chunk=args.chunk, fold_bn=kw.get("fold", True), compile=kw.get("compile", "auto"))
         with precision.use(prec):
             stepper = ssdd_stepper(images, norm, teacher, conf, device, k, kw.get("cache", 0))
             timer = PhaseTimer(device)

@@ -32,6 +32,11 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.krr_st.steps=100 (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="network passes in bf16 autocast or fp32 (default: the preset's `precision`, auto = bf16 "
+                        "only where the hardware has it natively: CUDA with bf16, CPUs with AMX / AVX-512-bf16; "
+                        "losses and ridge solves always fp32/fp64). The choice is logged and part of every "
+                        "artifact's fingerprint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         if getattr(args, "teacher", None):
             overrides["teacher.path"] = args.teacher
+        if getattr(args, "precision", None):
+            overrides["precision"] = args.precision
         if args.command == "evaluate":
             for option, key in (("protocols", "evaluate.protocols"), ("seeds", "evaluate.seeds"),
                                 ("label_fractions", "evaluate.linear_fractions")):

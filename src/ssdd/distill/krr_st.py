@@ -19,7 +19,7 @@ from ssdd.distill.registry import DistillContext, DistilledSet, random_index, re
 from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.errors import UserError
 from ssdd.models import Encoder
-from ssdd.models.inference import fold_batchnorm, inference_copy
+from ssdd.models.inference import CompiledCall, fold_batchnorm, inference_copy
 from ssdd.phases import NO_TIMER, NoTimer, PhaseTimer
 from ssdd.precision import autocast, full_precision
 
@@ -140,7 +140,7 @@ class OuterStep:
         with timer("real_features"):
             model.eval()
             if k.fold_bn:  # the outer loss sees the model in eval mode: BatchNorm is an affine map, folded away
-                model = FoldedFeatures(model)
+                model = FoldedFeatures(model)  # (compiling these passes measured no faster than folding)
             with torch.inference_mode(), autocast(device):
                 g_r = model.features(x_real).float()
             g_r, t_real = g_r.clone(), t_real.clone()  # out of inference mode: the ridge graph keeps them
@@ -161,6 +161,15 @@ class OuterStep:
         return loss.item()
 
 
+def _forward(model: Encoder, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def use_compile(k: KrrStConfig) -> bool:
+    """``distill.krr_st.compile``: on, off, or auto = on for runs of 1000 steps or more."""
+    return k.compile == "on" or (k.compile == "auto" and k.steps >= 1000)
+
+
 class FoldedFeatures(torch.nn.Module):
     """``features`` of an eval-mode encoder with BatchNorm folded into its convolutions (a throw-away copy
     per step: the pool model keeps training unfolded)."""
@@ -175,8 +184,7 @@ class FoldedFeatures(torch.nn.Module):
 
 def make_teacher(teacher: torch.nn.Module, k: KrrStConfig) -> torch.nn.Module:
     """The teacher as the outer loop runs it: BatchNorm folded and/or compiled, per the config."""
-    compile = k.compile_teacher == "on" or (k.compile_teacher == "auto" and k.steps >= 1000)
-    return inference_copy(teacher, fold_bn=k.fold_bn, compile=compile)
+    return inference_copy(teacher, fold_bn=k.fold_bn, compile=use_compile(k))
 
 
 @register("krr_st", needs=("distill.krr_st",), prep=("teacher_views",))
@@ -230,7 +238,8 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
     decay = lambda t: 1.0 - (1.0 - k.final_lr_ratio) * t / max(1, k.steps - 1)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     pool = pool or ModelPool(ctx.spec, k.pool_size, k.pool_max_age, k.pool_reset, k.pool_lr, k.pool_momentum,
-                             k.pool_weight_decay, device, ctx.seed, chunk=k.chunk)
+                             k.pool_weight_decay, device, ctx.seed, chunk=k.chunk,
+                             forward=CompiledCall(_forward) if use_compile(k) else None)
     sampler = BatchSampler(ctx.source, cfg.batch, device, ctx.seed + 1)
     aug_gen = torch.Generator(device=device).manual_seed(ctx.seed + 2)
     losses: list[float] = []

@@ -10,7 +10,7 @@ on that model is re-initialised (untrained) on every pick.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,14 @@ from ssdd.precision import autocast, full_precision
 class ModelPool:
     def __init__(self, spec: dict[str, Any], size: int, max_age: int, reset: str = "fixed", lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 1e-3, device: torch.device | str = "cpu",
-                 seed: int = 0, chunk: int = 0):
+                 seed: int = 0, chunk: int = 0, forward: Callable[[Encoder, torch.Tensor], torch.Tensor] | None = None):
         """``chunk`` > 0 splits the SGD step over the synthetic set into chunks of that many images with
-        accumulated gradients (BatchNorm statistics then come per chunk): the memory bound for large m."""
+        accumulated gradients (BatchNorm statistics then come per chunk): the memory bound for large m.
+        ``forward(model, x)`` replaces ``model(x)`` in the SGD step (a compiled call)."""
         if reset not in ("fixed", "reference"):
             raise ValueError(f"reset must be 'fixed' or 'reference', got {reset!r}")
         self.spec, self.size, self.max_age, self.reset, self.chunk = spec, size, max_age, reset, chunk
+        self.forward = forward or (lambda model, x: model(x))
         self.opt_args = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.device = device
         self.rng = random.Random(seed)
@@ -86,7 +88,7 @@ class ModelPool:
         total = 0.0
         for i in range(0, len(x_s), chunk):
             with autocast(self.device):
-                out = model(x_s[i:i + chunk])
+                out = self.forward(model, x_s[i:i + chunk])
             with full_precision(self.device):  # the mean over the whole set, accumulated chunk by chunk
                 loss = F.mse_loss(out.float(), y_s[i:i + chunk].float(), reduction="sum") / y_s.numel()
             loss.backward()

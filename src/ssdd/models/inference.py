@@ -54,6 +54,24 @@ class CompiledOrEager(nn.Module):
         return self.model(x)
 
 
+class CompiledCall:
+    """``fn(model, x)`` compiled once for every model of one architecture (dynamo treats the weights as
+    inputs, so the pool's re-initialised models reuse the compiled graph), with an eager fallback."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled, self.failed = fn, torch.compile(fn), False
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self.compiled(model, x)
+            except Exception as err:
+                self.failed = True
+                log.warning("torch.compile failed (%s); running eagerly",
+                            str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__)
+        return self.fn(model, x)
+
+
 def inference_copy(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:
     """The fastest exact-up-to-rounding stand-in for a frozen ``model`` in eval mode."""
     out = fold_batchnorm(model) if fold_bn else model.eval()
