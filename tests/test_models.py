@@ -49,3 +49,41 @@ def test_folded_batchnorm_teacher_matches_the_original():
     count = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
     assert count(model) > 0 and count(folded) == 0
     assert not model.training  # the original is left as it was
+
+
+def test_compiled_call_falls_back_to_eager_when_compiling_fails(caplog):
+    from ssdd.models.inference import CompiledCall
+
+    model = build({"arch": "convnet", "in_channels": 1, "image_size": 8, "out_dim": 2, "widths": [2], "pool": "gap"})
+    call = CompiledCall(lambda m, x: m(x))
+
+    def broken(m, x):
+        raise RuntimeError("no C++ compiler")
+
+    call.compiled = broken
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(call(model, x), model(x))
+    assert call.failed and "torch.compile failed" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_pool_step_matches_eager():
+    """The compiled SGD step (one graph for every pool model) trains a model as the eager one does."""
+    from ssdd.distill.pool import ModelPool
+    from ssdd.models.inference import CompiledCall
+
+    spec = {"arch": "convnet", "in_channels": 1, "image_size": 8, "out_dim": 2, "widths": [4], "pool": "gap"}
+    x, y = torch.randn(6, 1, 8, 8), torch.randn(6, 2)
+    pools = []
+    for forward in (None, CompiledCall(lambda m, xx: m(xx))):
+        torch.manual_seed(0)
+        pool = ModelPool(spec, size=2, max_age=10, seed=0, forward=forward)
+        pool.add(pool._fresh()[0])
+        pool.add(pool._fresh()[0])
+        losses = [pool.train_step(i % 2, x, y) for i in range(4)]
+        pools.append((pool, losses))
+    (eager, le), (comp, lc) = pools
+    assert not pools[1][0].forward.failed
+    assert le == pytest.approx(lc, rel=1e-4)
+    for a, b in zip(eager.models[1].parameters(), comp.models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

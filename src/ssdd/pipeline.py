@@ -638,7 +638,8 @@ def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: s
     out, dev, logs = Path(out), resolve_device(device), {}
     method = str(artifacts.read_meta(distilled).get("method", Path(distilled).stem))
     for k in range(cfg.evaluate.seeds):
-        encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
+        with precision.use(precision.resolve(cfg.precision, dev)):
+            encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
         artifacts.save_encoder(encoder_path(out, method, k), encoder, spec,
                                {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name,
                                 "loss_curve": curve})
@@ -667,7 +668,8 @@ def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: st
                 method = str(meta.get("method", Path(path).stem))
             methods.append(method)
             for target in suite:
-                rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
+                with precision.use(precision.resolve(cfg.precision, dev)):
+                    rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
     write_results(out, rows)
     return report.write_report(out, methods=list(dict.fromkeys(methods)))
 
