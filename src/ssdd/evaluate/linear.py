@@ -11,13 +11,15 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from torch import nn
+
+if TYPE_CHECKING:  # scikit-learn takes ~1 s to import: only the evaluate stage pays for it
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
 
 from ssdd.data import Normalizer
 from ssdd.errors import UserError
@@ -78,6 +80,8 @@ class ProbeResult:
 def _fit(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int,
          warm: LogisticRegression | None = None) -> LogisticRegression:
     """Fit at ``c``; ``warm`` (a fitted model) is copied and its solution used as the starting point."""
+    from sklearn.linear_model import LogisticRegression
+
     clf = copy.deepcopy(warm) if warm is not None else LogisticRegression(max_iter=max_iter, warm_start=True)
     clf.set_params(C=c)
     with warnings.catch_warnings():
@@ -97,6 +101,8 @@ def _sweep(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: n
         raise UserError("evaluate.linear_c_grid must hold at least one value")
     if any(not c > 0 for c in c_grid):
         raise UserError(f"evaluate.linear_c_grid values must be positive, got {list(c_grid)}")
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(train_x)
     tx, vx = scaler.transform(train_x), scaler.transform(val_x)
     accs: dict[float, float] = {}

@@ -11,7 +11,6 @@ import math
 from typing import Iterable, Mapping
 
 import numpy as np
-from scipy import stats
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -35,6 +34,8 @@ def paired_interval(a: Iterable[float], b: Iterable[float], level: float = 0.95)
     mean = float(d.mean())
     if len(d) < 2:
         return mean, float("nan"), float("nan")
+    from scipy import stats  # imported here: scipy.stats costs ~0.5 s at start-up of every stage
+
     half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
     return mean, mean - half, mean + half
 
