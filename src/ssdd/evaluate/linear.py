@@ -136,6 +136,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     if val_x is not None and val_y is not None and len(val_y) > 0:
         scaler, c, accs, clf = _sweep(train_x, train_y, val_x, val_y, c_grid, max_iter)
         return ProbeResult(_score(clf, scaler.transform(test_x), test_y), c, accs[c], accs)
+    from sklearn.preprocessing import StandardScaler
+
     c = float(c_grid[0]) if len(c_grid) == 1 else 1.0
     scaler = StandardScaler().fit(train_x)
     clf = _fit(scaler.transform(train_x), train_y, c, max_iter)
