@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         for stage in ["prepare", *[s for s in STAGES[1:] if s in args.stages]]:
             line: dict = {"stage": stage}
             for name, src in trees.items():
-                wall, precision = run_stage(src, stage, args.preset, work / name.replace(" ", "-"), args.overrides)
+                wall, precision = run_stage(src, stage, args.preset, work / "runs" / name.replace(" ", "-"),
+                                            args.overrides)
                 line[name] = round(wall, 1)
                 line[f"{name} precision"] = precision
                 if stage != "prepare":
