@@ -48,7 +48,8 @@ def teacher_views(ctx: DistillContext) -> dict[str, torch.Tensor]:
         chunks.append(feats.view(len(idx), k, -1).cpu())
         done += len(idx)
         bar.update(len(idx))
-        ctx.hooks.after_step(done, n, lambda: {"done": done, "features": torch.cat(chunks)}, "teacher views")
+        ctx.hooks.after_step(done, n, lambda: {"step": done, "done": done, "features": torch.cat(chunks)},
+                             "teacher views")
     bar.close()
     return {"dy": dy, "dx": dx, "flip": flip, "features": torch.cat(chunks)}
 
