@@ -22,18 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ssdd.precision import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "teacher", "distill", "pretrain", "evaluate")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def run_stage(src: Path, stage: str, preset: str, out: Path, overrides: list[str]) -> tuple[float, str]:

@@ -45,7 +45,8 @@ from ssdd.data.augment import crop_flip
 from ssdd.distill.krr_st import FoldedFeatures, OuterStep, _forward, make_teacher, outer_grads, use_compile
 from ssdd.models.inference import CompiledCall
 from ssdd.distill.pool import ModelPool
-from ssdd.distill.teacher_cache import CachedTeacher
+from ssdd.distill.registry import DistillContext
+from ssdd.distill.teacher_cache import CachedTeacher, teacher_views
 from ssdd.models import build
 from ssdd.phases import PhaseTimer
 from ssdd.teacher.load import FeatureExtractor
@@ -150,22 +151,10 @@ def ssdd_stepper(images: torch.Tensor, norm: Normalizer, teacher, conf: dict, de
 
 
 def build_cache(images: torch.Tensor, norm: Normalizer, teacher, views: int, device: torch.device) -> dict:
-    """Cached teacher views of every image (as the ``teacher_views`` prep stage computes them)."""
-    from ssdd.data.augment import apply_crop_flip, crop_flip_params
-
-    n, gen = len(images), torch.Generator().manual_seed(3)
-    params = [crop_flip_params(n, 4, True, gen) for _ in range(views)]
-    dy = torch.stack([p[0] for p in params], 1)
-    dx = torch.stack([p[1] for p in params], 1)
-    flip = torch.stack([p[2] for p in params], 1)
-    feats = []
-    with torch.inference_mode(), precision.autocast(device):
-        for i in range(0, n, 1024):
-            sl = slice(i, i + 1024)
-            x = images[sl].to(device).repeat_interleave(views, 0)
-            x = apply_crop_flip(x, 4, dy[sl].flatten().to(device), dx[sl].flatten().to(device), flip[sl].flatten().to(device))
-            feats.append(teacher(norm(x)).float().view(-1, views, 512).cpu())
-    return {"dy": dy, "dx": dx, "flip": flip, "features": torch.cat(feats)}
+    """Cached teacher views of every image, made by the ``teacher_views`` prep stage itself."""
+    cfg = DistillConfig(batch=1024, krr_st=KrrStConfig(teacher_cache_views=views))
+    ctx = DistillContext(ImageSet(images), None, teacher, norm, {}, cfg, 0, torch.arange(1), device, progress=False)
+    return teacher_views(ctx)
 
 
 def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> tuple[list[float], float]:

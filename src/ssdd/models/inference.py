@@ -35,25 +35,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded.eval()
 
 
-class CompiledOrEager(nn.Module):
-    """``torch.compile(model)``, falling back to ``model`` itself if compiling fails on first use
-    (e.g. no C++ compiler for inductor's CPU kernels): a speed option must never stop a run."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.compiled, self.failed = model, torch.compile(model), False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.failed:
-            try:
-                return self.compiled(x)
-            except Exception as err:  # compiler missing or op unsupported: run eagerly
-                self.failed = True
-                log.warning("torch.compile failed (%s); running the teacher eagerly",
-                            str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__)
-        return self.model(x)
-
-
 class CompiledCall:
     """``fn(model, x)`` compiled once for every model of one architecture (dynamo treats the weights as
     inputs, so the pool's re-initialised models reuse the compiled graph), with an eager fallback."""
@@ -70,6 +51,17 @@ class CompiledCall:
                 log.warning("torch.compile failed (%s); running eagerly",
                             str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__)
         return self.fn(model, x)
+
+
+class CompiledOrEager(nn.Module):
+    """A module run through :class:`CompiledCall` (compiled, eager if compiling fails)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.call = model, CompiledCall(lambda m, x: m(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(self.model, x)
 
 
 def inference_copy(model: nn.Module, fold_bn: bool = True, compile: bool = False) -> nn.Module:
