@@ -30,7 +30,7 @@ from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_data
 from ssdd.data.formats import read_source
 from ssdd.data.sources import load_target, target_name
 from ssdd.distill import registry
-from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, random_index
+from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, SourceLabels, random_index
 from ssdd.errors import Stopped, UserError
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.evaluate.finetune import accuracy, finetune
@@ -315,6 +315,12 @@ class Run:
                             f"({len(source) - data.heldout} images after data.heldout={data.heldout})")
         save_dataset(self.data_dir / "source_train.safetensors", unlabeled.subset(order[data.heldout:]))
         save_dataset(self.data_dir / "source_heldout.safetensors", unlabeled.subset(order[:data.heldout]))
+        labels_path = self.data_dir / "source_labels.safetensors"
+        if source.labels is not None:  # kept apart: only labelled baselines (dsa, dm, ...) read them
+            artifacts.save_tensors(labels_path, {"labels": source.labels[order[data.heldout:]].long()},
+                                   {"class_names": list(source.class_names), "num_classes": source.num_classes})
+        elif labels_path.is_file():
+            labels_path.unlink()
         for target in data.targets:
             train, test = load_target(target, data.size, self.cfg.evaluate.test_split, data.target_max_per_class or None)
             train_path, test_path = self.target_paths(target)
@@ -371,9 +377,14 @@ class Run:
         c, h, _ = source.shape
         teacher, dim = self._teacher(c, h)
         spec = model_spec(self.cfg.model, c, h, out_dim=dim)
+        labels_path = self.data_dir / "source_labels.safetensors"
+        labels = None
+        if labels_path.is_file():
+            tensors, meta = artifacts.load_tensors(labels_path)
+            labels = SourceLabels(tensors["labels"], int(meta["num_classes"]), list(meta.get("class_names", [])))
         return DistillContext(source, heldout, teacher.eval(), self._source_norm(source), spec, self.cfg.distill,
                               self.cfg.seed, random_index(len(source), self.cfg.distill.m, self.cfg.seed), self.device,
-                              self.progress, cache=cache)
+                              self.progress, cache=cache, labels=labels)
 
     def for_seed(self, ctx: DistillContext, k: int) -> DistillContext:
         seed = self.cfg.seed + k
@@ -628,7 +639,8 @@ def pretrain_set(cfg: Config, distilled: str | Path, seed: int, device: torch.de
         return encoder, curve, {**spec, "out_dim": 0}
     lr = meta.get("lr")
     encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, seed, device, progress, desc=name,
-                                      lr=float(lr) if lr is not None else None)
+                                      lr=float(lr) if lr is not None else None,
+                                      objective=str(meta.get("objective", "mse")))
     return encoder, curve, {**spec, "out_dim": targets.shape[1]}
 
 

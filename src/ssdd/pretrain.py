@@ -16,12 +16,18 @@ from ssdd.precision import autocast
 
 def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cfg: PretrainConfig, seed: int,
                      device: torch.device | str = "cpu", progress: bool = True,
-                     desc: str = "pretrain", lr: float | None = None) -> tuple[Encoder, list[float]]:
+                     desc: str = "pretrain", lr: float | None = None,
+                     objective: str = "mse") -> tuple[Encoder, list[float]]:
     """MSE regression, SGD with momentum and a cosine schedule, no augmentation (as the paper).
 
+    ``objective="cross_entropy"`` trains a labelled set instead: ``targets`` are class probabilities
+    (one-hot rows for hard labels, any distribution for soft labels), the head has one output per class.
     ``lr`` overrides ``cfg.lr`` (a distilled set's learned learning rate, MKDT).
     Returns the encoder (head = linear map to the target dimension) and the mean loss per epoch.
     """
+    if objective not in ("mse", "cross_entropy"):
+        raise ValueError(f"pretrain objective must be mse or cross_entropy, got {objective!r}")
+    loss_fn = F.mse_loss if objective == "mse" else F.cross_entropy
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build({**spec, "out_dim": targets.shape[1]}).to(device)
@@ -39,7 +45,7 @@ def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cf
             idx = order[i:i + batch]
             with autocast(device):
                 out = model(images[idx])
-            loss = F.mse_loss(out.float(), targets[idx])
+            loss = loss_fn(out.float(), targets[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -41,7 +41,8 @@ class DistilledSet:
     images: torch.Tensor
     targets: torch.Tensor | None
     lr: float | None = None  # a learned pre-training learning rate (MKDT); None = pretrain.lr
-    objective: str = "mse"  # how pretrain uses the set: "mse" to targets, or "barlow_twins" on the images
+    objective: str = "mse"  # how pretrain uses the set: "mse" to targets, "cross_entropy" to class
+    # probabilities (labelled methods: one-hot or soft labels), or "barlow_twins" on the images
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able facts about the run (index, losses, ...)
 
 
@@ -65,6 +66,19 @@ class Hooks:
 
 
 @dataclass
+class SourceLabels:
+    """The source's class labels, aligned with ``DistillContext.source``. Only labelled baselines read
+    them (through :meth:`DistillContext.require_labels`); KRR-ST and the SSL methods never do."""
+
+    labels: torch.Tensor  # int64 (N,)
+    num_classes: int
+    class_names: list[str] = field(default_factory=list)
+
+    def one_hot(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(self.labels[index.cpu()], self.num_classes).float()
+
+
+@dataclass
 class DistillContext:
     """Everything a method may read. Methods never see target tasks."""
 
@@ -81,6 +95,14 @@ class DistillContext:
     hooks: Hooks = field(default_factory=Hooks)
     prep: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # outputs of declared prep stages
     cache: dict[str, Any] = field(default_factory=dict)  # shared across methods of one run (teacher features)
+    labels: SourceLabels | None = None  # the source's labels when it has them; see require_labels
+
+    def require_labels(self, method: str) -> SourceLabels:
+        """The source's labels, or one clear error for a labelled method on an unlabelled source."""
+        if self.labels is None:
+            raise UserError(f"distill: method {method} needs a labelled source, but data.source has no labels "
+                            f"(use an image folder with class sub-folders, cifar, or an npz with labels)")
+        return self.labels
 
     def to_space(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 source images -> the synthetic image space of ``cfg.image_space``."""

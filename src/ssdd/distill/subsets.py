@@ -23,6 +23,15 @@ def random_subset(ctx: DistillContext) -> DistilledSet:
     return _subset(ctx, ctx.init_index)
 
 
+@register("random_subset_labeled")
+def random_subset_labeled(ctx: DistillContext) -> DistilledSet:
+    """The seed's paired random draw of m real images with their one-hot class labels (cross-entropy)."""
+    labels = ctx.require_labels("random_subset_labeled")
+    index = ctx.init_index
+    return DistilledSet(ctx.to_space(ctx.source.images[index]), labels.one_hot(index).to(ctx.device),
+                        objective="cross_entropy", meta={"init_index": index.tolist()})
+
+
 @register("random_ssl")
 def random_ssl(ctx: DistillContext) -> DistilledSet:
     """The same random draw, pre-trained by Barlow Twins instead of teacher targets: what does the teacher add?"""
