@@ -14,7 +14,7 @@ from ssdd.cli import main
 from ssdd.distill import registry
 
 SET_METHODS = ["krr_st", "random_subset", "random_ssl", "kmeans", "high_loss", "mkdt", "naive_bilevel",
-               "krr_st_experts", "mkdt_aug"]
+               "krr_st_experts", "mkdt_aug", "random_subset_labeled"]
 
 
 def tiny_npz(path: Path, n: int = 48, seed: int = 0) -> str:
