@@ -85,3 +85,69 @@ def test_checkpoint_of_another_config_is_refused(prepared, capsys):
     code = main(["distill", "--out", str(out), *SETTINGS, "--set", "distill.krr_st.lr_images=0.5"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "different config" in err
+
+
+# ---- fine-tunes checkpoint mid-run ----------------------------------------------------
+
+def test_a_stopped_finetune_resumes_to_the_same_model(tmp_path):
+    import torch
+
+    from ssdd.checkpoint import Checkpointer, Hooks
+    from ssdd.config import EvaluateConfig
+    from ssdd.data import ImageSet, Normalizer
+    from ssdd.errors import Stopped
+    from ssdd.evaluate.finetune import finetune
+    from ssdd.models import build
+
+    gen = torch.Generator().manual_seed(0)
+    train = ImageSet(torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=gen), torch.arange(24) % 3)
+    norm = Normalizer(*train.mean_std())
+    torch.manual_seed(0)
+    encoder = build({"arch": "convnet", "in_channels": 3, "image_size": 16, "widths": [4, 8], "out_dim": 0})
+    cfg = EvaluateConfig(finetune_iters=12, finetune_batch=8)
+    whole = finetune(encoder, train, norm, cfg, seed=1, progress=False)
+    ckpt = Checkpointer(tmp_path, "ft", "fp", every=4, minutes=1e9)
+    asked = iter(range(100))
+    with pytest.raises(Stopped):  # a stop request at step 6 checkpoints there and stops
+        finetune(encoder, train, norm, cfg, seed=1, progress=False,
+                 hooks=Hooks(None, ckpt.save, ckpt.due, lambda: next(asked) == 5))
+    assert ckpt.load()["step"] == 6
+    resumed = finetune(encoder, train, norm, cfg, seed=1, progress=False, hooks=ckpt.hooks())
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+FINETUNE = ["--preset", "demo", "--no-progress", "--set", "teacher.epochs=1", "--set", "data.heldout=300",
+            "--set", "distill.m=20", "--set", "evaluate.seeds=1", "--set", 'methods=["random_subset"]',
+            "--set", 'evaluate.protocols=["finetune"]', "--set", "evaluate.finetune_fractions=[0.1]",
+            "--set", "evaluate.finetune_iters=400", "--set", "evaluate.finetune_batch=16", "--set", "checkpoint_every=10",
+            "--precision", "fp32"]
+
+
+@pytest.mark.slow
+def test_a_killed_finetune_resumes_to_the_same_result(tmp_path):
+    import json
+
+    base = tmp_path / "base"
+    assert main(["run", "--out", str(base), "--until", "pretrain", *FINETUNE]) == 0
+    shutil.copytree(base, tmp_path / "killed")
+    assert main(["run", "--out", str(base), *FINETUNE]) == 0
+    expected = json.loads((base / "results.json").read_text())
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ssdd", "run", "--out", str(out), *FINETUNE],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("finetune-*.ckpt-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the fine-tune ended before its first checkpoint"
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    steps = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob("finetune-*.ckpt-*.json")]
+    assert steps and 0 < max(steps) < 400 and not (out / "results.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "ssdd", "run", "--out", str(out), *FINETUNE], capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from the checkpoint at step {max(steps)}" in resumed.stderr  # not from zero
+    assert json.loads((out / "results.json").read_text()) == expected
+    assert not list(out.glob("finetune-*.ckpt-*"))  # cleared once the unit's result is written

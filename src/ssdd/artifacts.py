@@ -7,6 +7,7 @@ half-written artifact and loading never executes code.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import io
 import json
@@ -22,12 +23,38 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
 import ssdd
+from ssdd import distributed
 from ssdd.errors import UserError
+
+
+_OWN_WRITES: contextvars.ContextVar[bool] = contextvars.ContextVar("ssdd_own_writes", default=False)
+
+
+@contextmanager
+def own_writes() -> Iterator[None]:
+    """Let this rank write in the block: the checkpoints of a unit of work only it runs (a fine-tune of
+    the evaluate stage under torchrun), in files no other rank writes."""
+    token = _OWN_WRITES.set(True)
+    try:
+        yield
+    finally:
+        _OWN_WRITES.reset(token)
+
+
+def _writer() -> bool:
+    return distributed.is_main() or _OWN_WRITES.get()
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync it and rename it onto ``path``."""
+    """Yield a temp path beside ``path``; on success fsync it and rename it onto ``path``.
+
+    Under torchrun only rank 0 writes: the other ranks get a scratch path that is thrown away, so
+    every writer stays one code path and a run folder never has two writers."""
+    if not _writer():
+        with tempfile.TemporaryDirectory(prefix="ssdd-rank-scratch-") as scratch:
+            yield Path(scratch) / Path(path).name
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,11 +223,13 @@ def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any],
     """Write a checkpoint so that a kill at any instant leaves at most ``keep`` of them and at least
     the previous intact one: prune first, then the record (its SHA-256), then the data it describes."""
     folder = Path(folder)
+    step = int(state["step"])
+    path = folder / f"{name}.ckpt-{step:09d}.pt"
+    if not _writer():  # replicated state: rank 0's checkpoint is every rank's
+        return path
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    step = int(state["step"])
-    path = folder / f"{name}.ckpt-{step:09d}.pt"
     complete = [p for _, p in _checkpoint_records(folder, name) if p.with_suffix(".pt").is_file()]
     kept = {p.stem for p in complete[:keep - 1]}
     for old in list(folder.glob(f"{name}.ckpt-*.pt")) + list(folder.glob(f"{name}.ckpt-*.json")):
@@ -246,6 +275,8 @@ def has_checkpoint(folder: str | os.PathLike, name: str) -> bool:
 
 
 def clear_checkpoints(folder: str | os.PathLike, name: str) -> None:
+    if not _writer():
+        return
     for _, meta_path in _checkpoint_records(Path(folder), name):
         meta_path.with_suffix(".pt").unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)

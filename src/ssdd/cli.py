@@ -66,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label-fractions", nargs="+", type=float, help="label fractions for the linear probe")
     info = sub.add_parser("info", help="print one JSON object describing a prepared dataset file")
     info.add_argument("file")
+    imp = sub.add_parser("import", help="convert another tool's distilled set into an ssdd distilled-set artifact")
+    imp.add_argument("files", nargs="+", metavar="FILE", help="krr_st: x_syn.pt y_syn.pt; mkdt: images_N.pt "
+                     "labels_N.pt [synlr_N.pt]; (or the folder holding them); npz: one .npz; imagefolder: a folder")
+    imp.add_argument("--format", required=True, help="krr_st, mkdt, npz or imagefolder")
+    imp.add_argument("--out", required=True, help="the artifact to write, e.g. distilled/NAME.safetensors")
+    imp.add_argument("--image-space", default="auto", help="auto (default: what the file records or its format's "
+                     "code implies, else values within [0,1] = raw), raw (pixel/255) or normalized (needs --mean "
+                     "and --std); for pixel data (PNGs, uint8 arrays): the space to store it in")
+    imp.add_argument("--mean", nargs="+", type=float, help="per-channel mean the images were normalised with")
+    imp.add_argument("--std", nargs="+", type=float, help="per-channel std the images were normalised with")
+    imp.add_argument("--objective", default="auto", help="auto (labels / one-hot rows: cross_entropy, real-valued "
+                     "vectors: mse), mse or cross_entropy (soft labels)")
+    imp.add_argument("--method", help="the method name recorded in the set (default: the --out file's stem)")
+    exp = sub.add_parser("export", help="write a distilled set for other tools: PNGs + targets.npz, or one .npz")
+    exp.add_argument("distilled", help="a distilled-set artifact (.safetensors)")
+    exp.add_argument("--format", required=True, help="imagefolder (a folder of PNGs in [0,1] pixel space and "
+                     "targets.npz) or npz (exact images, targets, lr and metadata)")
+    exp.add_argument("--out", required=True, help="imagefolder: the folder to write; npz: the .npz file (or a folder)")
     run = sub.add_parser("run", help="run the stages in order, skipping those already done for this config")
     _common(run)
     run.add_argument("--until", default=None, help="stop after this stage")
@@ -92,6 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from ssdd.data.formats import dataset_info
             print(json.dumps(dataset_info(args.file)))
+            return 0
+        if args.command == "import":
+            from ssdd.interop import import_set
+            import_set(args.files, args.format, args.out, args.image_space, args.mean, args.std, args.objective,
+                       args.method)
+            return 0
+        if args.command == "export":
+            from ssdd.interop import export_set
+            export_set(args.distilled, args.format, args.out)
             return 0
         from ssdd import pipeline
         from ssdd.config import load_config, parse_overrides

@@ -91,7 +91,8 @@ class KrrStConfig:
 @dataclass
 class ExpertsConfig:
     """Knowledge-distillation experts (MKDT stage 1): students regressing the teacher's features of
-    the un-augmented source, parameters saved at init and after every epoch."""
+    the un-augmented source, parameters saved at init and after every epoch. (MTT's classifier experts
+    use the same fields under ``distill.mtt.experts``.)"""
 
     count: int = 10
     epochs: int = 5  # only epochs 0 .. max_start_epoch + span are ever read
@@ -119,6 +120,32 @@ class MkdtConfig:
     init: str = "high_loss"  # "high_loss" (MKDT), "random" (the paired random draw) or "krr_st"
 
 
+def _mtt_experts() -> ExpertsConfig:
+    # MTT's buffer.py: SGD lr 0.01, no momentum, no weight decay, batch 256, 100 experts (it trains 50
+    # epochs; only 0 .. max_start_epoch + span = 22 are ever read). Its DSA augmentation and ZCA are off here.
+    return ExpertsConfig(count=100, epochs=22, lr=0.01, momentum=0.0, weight_decay=0.0, batch=256)
+
+
+@dataclass
+class MttConfig:
+    """MTT (Cazenavette et al. 2022): class-balanced real images with fixed one-hot labels whose unrolled
+    cross-entropy training imitates classifier experts. Published values: ConvNet-3, 32 px, CIFAR-10, 10 per class.
+
+    Its experts have their own table (``distill.mtt.experts``, the type of ``distill.experts``): MTT's recipe
+    (optimiser, 22 epochs) differs from MKDT's, and a change to one must not redo the other's experts."""
+
+    iterations: int = 5000
+    syn_steps: int = 30  # N: unrolled student steps on the synthetic set per iteration
+    span: int = 2  # M: expert epochs the N steps should cover (MTT's expert_epochs)
+    max_start_epoch: int = 20
+    lr_images: float = 1e3  # MTT's lr_img
+    lr_lr: float = 1e-5
+    lr_init: float = 0.01  # MTT's lr_teacher: the learnable inner (and pre-training) learning rate starts here
+    momentum: float = 0.5
+    batch_syn: int = 0  # synthetic minibatch per unrolled step; 0 = the whole set (MTT's default)
+    experts: ExpertsConfig = field(default_factory=_mtt_experts)
+
+
 @dataclass
 class NaiveBilevelConfig:
     """Naive bilevel SSL: unrolled Barlow Twins steps on augmented synthetic images."""
@@ -141,6 +168,64 @@ class KmeansConfig:
 
 
 @dataclass
+class KipConfig:
+    """KIP (Nguyen et al., ICLR 2021), labelled: images whose kernel ridge regression predicts real labels;
+    here with a random-feature (NNGP-style) kernel of the ``model`` ConvNet (see ``ssdd.distill.kip``)."""
+
+    steps: int = 1000  # the KIP authors' colab: ~1000 steps or more for convergence
+    lr_images: float = 0.01  # Adam (KIP, ICLR 2021)
+    lr_labels: float = 0.01  # Adam, only with learn_labels
+    ridge: float = 1e-6  # lambda = ridge * trace(K_ss) / m (KIP)
+    models: int = 4  # freshly initialised ConvNets per step whose features make the kernel (ours; not in KIP)
+    learn_labels: bool = False  # KIP's optional label learning; the set is then stored for MSE pre-training
+
+
+@dataclass
+class FrepoConfig:
+    """FRePo (Zhou et al., NeurIPS 2022) with fixed one-hot labels, run on the KRR-ST engine (see
+    ``ssdd.distill.frepo``); the engine's speed options (chunk, fold_bn, compile) come from distill.krr_st."""
+
+    steps: int = 500_000
+    lr_images: float = 3e-4  # FRePo: LAMB at 3e-4; the engine's AdamW here
+    final_lr_ratio: float = 0.1  # FRePo decays by cosine to 0.1x; the engine decays linearly
+    ridge: float = 1e-6  # lambda = ridge * trace(K_ss) / m (FRePo)
+    pool_size: int = 10
+    pool_max_age: int = 100  # online updates before a pool model is re-initialised (FRePo)
+    pool_lr: float = 0.1  # the engine's SGD pool step (FRePo trains its pool with Adam at 3e-4)
+    pool_momentum: float = 0.9
+    pool_weight_decay: float = 1e-3
+
+
+@dataclass
+class DmConfig:
+    """DM (Zhao & Bilen, WACV 2023), labelled: per class, the mean embedding of the synthetic images matches
+    the real images' under a freshly initialised network each iteration. Published values (32 px, ConvNet-3)."""
+
+    iterations: int = 20_000
+    lr_images: float = 1.0  # SGD on the images
+    momentum: float = 0.5
+    batch_real: int = 256  # real images per class per iteration (all of a smaller class)
+    augment: str = "color_crop_cutout_flip_scale_rotate"  # DSA operations (one per class and iteration); "none"
+
+
+@dataclass
+class DsaConfig:
+    """DSA (Zhao & Bilen, ICML 2021), labelled: gradient matching with differentiable siamese augmentation.
+    Published values (32 px, ConvNet-3)."""
+
+    iterations: int = 1000
+    lr_images: float = 0.1  # SGD on the images
+    momentum: float = 0.5
+    batch_real: int = 256  # real images per class per outer step (all of a smaller class)
+    net_lr: float = 0.01  # SGD of the network between outer steps
+    net_momentum: float = 0.0  # the DC/DSA script's; DC's later stand-alone script uses 0.5
+    batch_train: int = 256  # synthetic images per step of that network training
+    outer_loop: int = 0  # 0 = by images per class as published: 1 -> 1, 10 -> 10, 20 -> 20, ... 50 -> 50
+    inner_loop: int = 0  # 0 = by images per class as published: 1 -> 1, 10 -> 50, 20 -> 25, 30 -> 20, 40 -> 15, 50 -> 10
+    augment: str = "color_crop_cutout_flip_scale_rotate"  # DSA operations (one per class and step); "none"
+
+
+@dataclass
 class DistillConfig:
     m: int = 1000
     batch: int = 1024  # real batch of the methods that sample one (KRR-ST, naive bilevel)
@@ -151,8 +236,13 @@ class DistillConfig:
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     mkdt: MkdtConfig = field(default_factory=MkdtConfig)
+    mtt: MttConfig = field(default_factory=MttConfig)
     naive_bilevel: NaiveBilevelConfig = field(default_factory=NaiveBilevelConfig)
     kmeans: KmeansConfig = field(default_factory=KmeansConfig)
+    dm: DmConfig = field(default_factory=DmConfig)
+    dsa: DsaConfig = field(default_factory=DsaConfig)
+    kip: KipConfig = field(default_factory=KipConfig)
+    frepo: FrepoConfig = field(default_factory=FrepoConfig)
 
 
 @dataclass
@@ -345,6 +435,11 @@ def validate(cfg: Config) -> None:
         "distill.experts.batch": cfg.distill.experts.batch, "distill.mkdt.iterations": cfg.distill.mkdt.iterations,
         "distill.mkdt.syn_steps": cfg.distill.mkdt.syn_steps, "distill.mkdt.span": cfg.distill.mkdt.span,
         "distill.mkdt.max_start_epoch": cfg.distill.mkdt.max_start_epoch,
+        "distill.mtt.iterations": cfg.distill.mtt.iterations, "distill.mtt.syn_steps": cfg.distill.mtt.syn_steps,
+        "distill.mtt.span": cfg.distill.mtt.span, "distill.mtt.max_start_epoch": cfg.distill.mtt.max_start_epoch,
+        "distill.mtt.experts.count": cfg.distill.mtt.experts.count,
+        "distill.mtt.experts.epochs": cfg.distill.mtt.experts.epochs,
+        "distill.mtt.experts.batch": cfg.distill.mtt.experts.batch,
         "distill.naive_bilevel.steps": cfg.distill.naive_bilevel.steps,
         "distill.naive_bilevel.inner_steps": cfg.distill.naive_bilevel.inner_steps, "teacher.epochs": cfg.teacher.epochs,
         "teacher.batch": cfg.teacher.batch, "pretrain.epochs": cfg.pretrain.epochs,
@@ -356,10 +451,17 @@ def validate(cfg: Config) -> None:
     positive.update({"data.heldout": cfg.data.heldout, "distill.krr_st.check_models": cfg.distill.krr_st.check_models,
                      "distill.krr_st.check_batches": cfg.distill.krr_st.check_batches, "evaluate.linear_draws": cfg.evaluate.linear_draws,
                      "checkpoint_minutes": cfg.checkpoint_minutes})
+    positive.update({"distill.kip.steps": cfg.distill.kip.steps, "distill.kip.models": cfg.distill.kip.models,
+                     "distill.frepo.steps": cfg.distill.frepo.steps, "distill.frepo.pool_size": cfg.distill.frepo.pool_size,
+                     "distill.frepo.pool_max_age": cfg.distill.frepo.pool_max_age})
+    positive.update({"distill.dm.iterations": cfg.distill.dm.iterations, "distill.dm.batch_real": cfg.distill.dm.batch_real,
+                     "distill.dsa.iterations": cfg.distill.dsa.iterations, "distill.dsa.batch_real": cfg.distill.dsa.batch_real,
+                     "distill.dsa.batch_train": cfg.distill.dsa.batch_train})
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config: {key} must be positive, got {value}")
     for key, value in {"seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
+                       "distill.dsa.outer_loop": cfg.distill.dsa.outer_loop, "distill.dsa.inner_loop": cfg.distill.dsa.inner_loop,
                        "data.source_max_per_class": cfg.data.source_max_per_class,
                        "data.target_max_per_class": cfg.data.target_max_per_class}.items():
         if value < 0:
@@ -368,6 +470,10 @@ def validate(cfg: Config) -> None:
     if mkdt.max_start_epoch + mkdt.span > cfg.distill.experts.epochs:
         raise UserError(f"config: distill.mkdt.max_start_epoch + distill.mkdt.span = {mkdt.max_start_epoch + mkdt.span} "
                         f"needs experts of that many epochs, but distill.experts.epochs = {cfg.distill.experts.epochs}")
+    mtt = cfg.distill.mtt
+    if mtt.max_start_epoch + mtt.span > mtt.experts.epochs:
+        raise UserError(f"config: distill.mtt.max_start_epoch + distill.mtt.span = {mtt.max_start_epoch + mtt.span} "
+                        f"needs experts of that many epochs, but distill.mtt.experts.epochs = {mtt.experts.epochs}")
     if not 0 <= cfg.evaluate.validation < 0.5:
         raise UserError(f"config: evaluate.validation must be in [0, 0.5), got {cfg.evaluate.validation}")
     if not cfg.methods:

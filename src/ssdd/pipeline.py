@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from ssdd import artifacts, precision, report
+from ssdd import artifacts, distributed, folder_lock, precision, report
+from ssdd.checkpoint import Checkpointer
 from ssdd.config import Config, EvaluateConfig, fingerprint, to_dict
 from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
 from ssdd.data.formats import read_source
@@ -44,6 +45,7 @@ from ssdd.teacher import as_teacher, is_torchscript, load_teacher, load_teacher_
 log = logging.getLogger("ssdd")
 
 STAGES = ("prepare", "teacher", "distill", "pretrain", "evaluate", "report")
+MAIN_ONLY = ("prepare", "report")  # under torchrun: rank 0 does these, the other ranks wait
 # The source's keys: targets never reach the teacher or distillation.
 SOURCE_KEYS = ("seed", "data.source", "data.source_max_per_class", "data.size", "data.heldout")
 DISTILL_COMMON = ("distill.m", "distill.batch", "distill.image_space", "distill.flip", "distill.crop_pad",
@@ -101,37 +103,28 @@ def unique_target_names(specs: list[str]) -> dict[str, str]:
     return {s: (n if stems.count(n) == 1 else f"{n}-{fingerprint({'spec': s})[:6]}") for s, n in zip(specs, stems)}
 
 
-class Checkpointer:
-    """Periodic checkpoints of one loop in its output folder (every N steps and every M minutes)."""
+@dataclasses.dataclass
+class EvalUnit:
+    """One (encoder, target) evaluation: its place in results.json, what it evaluates, where it goes."""
 
-    def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float):
-        self.out, self.stage, self.fingerprint, self.every, self.minutes = out, stage, fingerprint, every, minutes
-        self.last = time.monotonic()
-
-    def load(self) -> dict | None:
-        state = artifacts.load_checkpoint(self.out, self.stage, self.fingerprint)
-        if state is not None:
-            log.info("%-8s resuming from the checkpoint at step %d", self.stage, state["step"])
-        return state
-
-    def due(self, step: int) -> bool:
-        if (self.every and step % self.every == 0) or time.monotonic() - self.last > 60 * self.minutes:
-            self.last = time.monotonic()
-            return True
-        return False
-
-    def save(self, state: dict) -> None:
-        artifacts.save_checkpoint(self.out, self.stage, state, self.fingerprint)
-
-    def clear(self) -> None:
-        artifacts.clear_checkpoints(self.out, self.stage)
+    order: int
+    method: registry.Method
+    k: int
+    enc_k: int
+    arch: str | None
+    group: str
+    target: Target
+    path: Path
+    fp: str
 
 
 class Run:
     """One pipeline run in one output folder."""
 
     def __init__(self, cfg: Config, out: str | Path, device: str = "auto", progress: bool = True):
-        self.cfg, self.out, self.device, self.progress = cfg, Path(out), resolve_device(device), progress
+        device = distributed.setup(device)  # under torchrun: join the group, this rank's GPU
+        self.cfg, self.out, self.device = cfg, Path(out), resolve_device(device)
+        self.progress = progress and distributed.is_main()
         self.precision = precision.resolve(cfg.precision, self.device)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
@@ -253,13 +246,22 @@ class Run:
         if until is not None and until not in STAGES:
             raise UserError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
         stages = [only] if only else STAGES[:STAGES.index(until) + 1] if until else STAGES
-        for stale in self.out.rglob(".*.tmp") if self.out.is_dir() else []:
-            stale.unlink(missing_ok=True)  # a temp file left by a killed write is never an artifact
+        with folder_lock.hold(self.out):
+            self._run_stages(stages)
+
+    def _run_stages(self, stages: list[str]) -> None:
+        if distributed.is_main():
+            for stale in self.out.rglob(".*.tmp") if self.out.is_dir() else []:
+                stale.unlink(missing_ok=True)  # a temp file left by a killed write is never an artifact
+        if distributed.active():
+            log.info("distributed: %d ranks (%s), this is rank 0 on %s", distributed.world(),
+                     torch.distributed.get_backend(), self.device)
         log.info("precision %s (config: %s) on %s", self.precision, self.cfg.precision, precision.describe(self.device))
         for stage in stages:
             if stage != "prepare":
                 self.preflight()
-            if self.is_done(stage):
+            distributed.barrier()  # what rank 0 wrote so far is there for every rank
+            if distributed.broadcast(self.is_done(stage)):
                 log.info("%-8s skipped: artifacts exist for this config", stage)
                 continue
             start = time.perf_counter()
@@ -267,9 +269,10 @@ class Run:
             try:
                 with StopRequest() as stop, precision.use(self.precision):
                     self.stop = stop
-                    getattr(self, f"stage_{stage}")()
+                    if stage not in MAIN_ONLY or distributed.is_main():
+                        getattr(self, f"stage_{stage}")()
             except BaseException:
-                if stage == "prepare":  # never half prepared; later stages keep each finished, fingerprinted unit
+                if stage == "prepare" and distributed.is_main():  # never half prepared; later stages keep units
                     for path in self.outputs(stage):
                         if path not in existed:
                             try:
@@ -289,11 +292,15 @@ class Run:
                 raise UserError(f"config: distill.m={self.cfg.distill.m} is larger than the source ({n} images)")
 
     def _check_stop(self, stage: str, done: int) -> None:
-        if self.stop():
+        if distributed.any_true(self.stop()):  # every rank reaches this at the same point
             raise Stopped(stage, done, str(self.out))
 
     def _fresh(self, path: Path, fp: str) -> bool:
-        """An artifact exists and was made for this fingerprint (then it is reused, not redone)."""
+        """An artifact exists and was made for this fingerprint (then it is reused, not redone): rank 0's
+        answer on every rank, so that all ranks skip or do the same units."""
+        return distributed.broadcast(self._fresh_here(path, fp) if distributed.is_main() else None)
+
+    def _fresh_here(self, path: Path, fp: str) -> bool:
         if not path.is_file():
             return False
         try:
@@ -315,17 +322,17 @@ class Run:
                             f"({len(source) - data.heldout} images after data.heldout={data.heldout})")
         save_dataset(self.data_dir / "source_train.safetensors", unlabeled.subset(order[data.heldout:]))
         save_dataset(self.data_dir / "source_heldout.safetensors", unlabeled.subset(order[:data.heldout]))
+        for target in data.targets:
+            train, test = load_target(target, data.size, self.cfg.evaluate.test_split, data.target_max_per_class or None)
+            train_path, test_path = self.target_paths(target)
+            save_dataset(train_path, train)
+            save_dataset(test_path, test)
         labels_path = self.data_dir / "source_labels.safetensors"
         if source.labels is not None:  # kept apart: only labelled baselines (dsa, dm, ...) read them
             artifacts.save_tensors(labels_path, {"labels": source.labels[order[data.heldout:]].long()},
                                    {"class_names": list(source.class_names), "num_classes": source.num_classes})
         elif labels_path.is_file():
             labels_path.unlink()
-        for target in data.targets:
-            train, test = load_target(target, data.size, self.cfg.evaluate.test_split, data.target_max_per_class or None)
-            train_path, test_path = self.target_paths(target)
-            save_dataset(train_path, train)
-            save_dataset(test_path, test)
 
     def _source(self, part: str) -> ImageSet:
         path = self.data_dir / f"source_{part}.safetensors"
@@ -356,7 +363,7 @@ class Run:
             log.info("teacher  trains on %d unlabeled images (source + teacher.extra_sources)", len(data))
         ckpt, result = self._resumable("teacher", self._section_fingerprint("teacher"), lambda hooks: train_barlow_twins(
             data, norm, self.cfg.teacher, self.cfg.seed, self.device, self.progress, hooks.resume, hooks.checkpoint,
-            hooks.checkpoint_due, hooks.should_stop))
+            hooks.checkpoint_due, hooks.should_stop, data_parallel=True))
         artifacts.save_encoder(self.out / "teacher.safetensors", result.encoder, result.spec,
                                {"method": "barlow_twins", "source": self.cfg.data.source, "seed": self.cfg.seed,
                                 "extra_sources": self.cfg.teacher.extra_sources, "images_seen": len(data),
@@ -448,40 +455,54 @@ class Run:
 
     # ---- pretrain ---------------------------------------------------------------------
     def stage_pretrain(self) -> None:
-        curves: dict[str, list[float]] = {}
+        units, keys = [], []
         for method in self.methods:
             for arch in self.archs(method):
                 for k in self.encoder_seeds(method):
-                    path, fp = encoder_path(self.out, method.name, k, arch), self.encoder_fp(method, k, arch)
-                    key = f"{method.name}{'@' + arch if arch else ''}/seed{k}"
                     if method.name == "full_ssl" and not self.teacher_is_encoder():
                         continue  # a TorchScript teacher is evaluated from its own file
+                    path, fp = encoder_path(self.out, method.name, k, arch), self.encoder_fp(method, k, arch)
+                    keys.append((f"{method.name}{'@' + arch if arch else ''}/seed{k}", path))
                     if not self._fresh(path, fp):
-                        self._check_stop("pretrain", len(curves))
-                        self._make_encoder(method, k, arch, path, fp)
-                    curve = artifacts.read_meta(path).get("loss_curve")
-                    if curve:
-                        curves[key] = curve
-        artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": curves})
+                        units.append((method, k, arch, path, fp))
+        self.in_rounds("pretrain", units, lambda unit: self._make_encoder(*unit[:4]),
+                       lambda unit, made: artifacts.save_encoder(unit[3], made[0], made[1],
+                                                                 {**made[2], "fingerprint": unit[4]}))
+        if distributed.is_main():
+            curves = {key: artifacts.read_meta(path).get("loss_curve") for key, path in keys}
+            artifacts.write_json(self.out / "pretrain_log.json", {"epoch_loss": {k: c for k, c in curves.items() if c}})
 
-    def _make_encoder(self, method: registry.Method, k: int, arch: str | None, path: Path, fp: str) -> None:
+    def in_rounds(self, stage: str, units: list, work: Callable[[Any], Any], keep: Callable[[Any, Any], None]) -> None:
+        """Independent units (encoders, evaluations) spread over the ranks, one round of N at a time:
+        rank r does unit ``i N + r`` of round i, rank 0 receives the round's results and keeps
+        (writes) them, so every finished unit survives a stop. One process: one unit per round."""
+        n = distributed.world()
+        for start in range(0, len(units), n):
+            self._check_stop(stage, start)
+            mine = start + distributed.rank()
+            result = work(units[mine]) if mine < len(units) else None
+            for i, made in distributed.gather((mine, result)) or []:
+                if i < len(units):
+                    keep(units[i], made)
+
+    def _make_encoder(self, method: registry.Method, k: int, arch: str | None,
+                      path: Path) -> tuple[torch.nn.Module, dict, dict]:
+        """(encoder on the CPU, its spec, its metadata) of one unit; the caller saves it."""
         cfg = self.cfg
-        meta = {"method": method.name, "seed": cfg.seed + k, "fingerprint": fp}
+        meta = {"method": method.name, "seed": cfg.seed + k}
         if method.name == "full_ssl":  # the teacher itself: the ceiling
             encoder, emeta = encoder_from_artifact(self.teacher_file(), "cpu")
-            artifacts.save_encoder(path, encoder, emeta["model_spec"], meta)
-            return
+            return encoder, emeta["model_spec"], meta
         if method.name == "no_pretrain":
             c, h, _ = self._source_shape()
             spec = {**(model_spec(cfg.model, c, h, 0) if arch is None else arch_spec(arch, c, h)), "out_dim": 0}
             torch.manual_seed(cfg.seed + k)
-            artifacts.save_encoder(path, build(spec), spec, meta)
-            return
+            return build(spec), spec, meta
         set_path = distilled_path(self.out, method.name, k)
         if not set_path.is_file():
             raise UserError(f"{set_path}: not found; run `ssdd distill` into this --out folder first")
         encoder, curve, spec = pretrain_set(cfg, set_path, cfg.seed + k, self.device, self.progress, arch)
-        artifacts.save_encoder(path, encoder, spec, {**meta, "distilled_set": set_path.name, "loss_curve": curve})
+        return encoder.cpu(), spec, {**meta, "distilled_set": set_path.name, "loss_curve": curve}
 
     def _source_shape(self) -> tuple[int, int, int]:
         shapes = artifacts.tensor_shapes(self.data_dir / "source_train.safetensors")
@@ -507,33 +528,57 @@ class Run:
         return encoder_from_artifact(path, self.device)[0]
 
     def stage_evaluate(self) -> None:
-        cfg, rows = self.cfg, []
+        cfg = self.cfg
         targets = self._targets()
+        units, done = [], {}
         for arch in [None, *cfg.pretrain.archs]:
-            eval_cfg = cfg.evaluate if arch is None else dataclasses.replace(cfg.evaluate, protocols=["finetune"])
             group = arch or cfg.model.arch  # the table compares methods within a group
             for method in self.methods:
                 if arch not in self.archs(method):
                     continue
                 for k in self.seeds():
                     enc_k = 0 if method.name == "full_ssl" else k
-                    encoder = None
                     for spec, target in targets:
-                        unit = self.out / "evaluations" / group / f"{method.name}{_suffix(k)}.{target.name}.json"
+                        path = self.out / "evaluations" / group / f"{method.name}{_suffix(k)}.{target.name}.json"
                         fp = self._fp(EVALUATE_KEYS + TARGET_KEYS, encoder=self.encoder_fp(method, enc_k, arch),
                                       target=spec, k=k, arch=arch)
-                        if self._fresh(unit, fp):
-                            rows += artifacts.read_json(unit)["rows"]
-                            continue
-                        self._check_stop("evaluate", len(rows))
-                        encoder = encoder if encoder is not None else self._encoder(method, enc_k, arch)
-                        new = [{**row, "group": group} for row in evaluate_encoder(
-                            method.name, cfg.seed + k, encoder, target, eval_cfg, str(self.device), self.progress)]
-                        artifacts.write_json(unit, {"fingerprint": fp, "rows": new})
-                        rows += new
+                        unit = EvalUnit(len(units) + len(done), method, k, enc_k, arch, group, target, path, fp)
+                        if self._fresh(path, fp):
+                            done[unit.order] = artifacts.read_json(path)["rows"]
+                        else:
+                            units.append(unit)
+
+        def keep(unit: EvalUnit, rows: list[dict]) -> None:
+            artifacts.write_json(unit.path, {"fingerprint": unit.fp, "rows": rows})
+            for fraction in cfg.evaluate.finetune_fractions:
+                self._finetune_checkpointer(unit, fraction).clear()
+            done[unit.order] = rows
+
+        self.in_rounds("evaluate", units, self._evaluate_unit, keep)
+        rows = [row for order in sorted(done) for row in done[order]]
         if "kd" in cfg.evaluate.protocols:
             rows += self._kd_rows([t for _, t in targets])
         write_results(self.out, rows)
+
+    def _evaluate_unit(self, unit: "EvalUnit") -> list[dict]:
+        """One encoder on one target, every protocol; fine-tunes checkpoint mid-run (into this rank's own
+        files under torchrun: units run on different ranks at once) and resume."""
+        eval_cfg = self.cfg.evaluate if unit.arch is None else dataclasses.replace(self.cfg.evaluate,
+                                                                                   protocols=["finetune"])
+        encoder = self._encoder(unit.method, unit.enc_k, unit.arch)
+
+        def hooks(fraction: float) -> Hooks:
+            ckpt = self._finetune_checkpointer(unit, fraction)
+            return Hooks(ckpt.load(), ckpt.save, ckpt.due, self.stop, agree=False)
+
+        with artifacts.own_writes():
+            rows = evaluate_encoder(unit.method.name, self.cfg.seed + unit.k, encoder, unit.target, eval_cfg,
+                                    str(self.device), self.progress, finetune_hooks=hooks)
+        return [{**row, "group": unit.group} for row in rows]
+
+    def _finetune_checkpointer(self, unit: "EvalUnit", fraction: float) -> Checkpointer:
+        name = f"finetune-{unit.group}-{unit.path.stem}-{fraction:g}"
+        return self.checkpointer(name, fingerprint({"unit": unit.fp, "fraction": fraction}))
 
     def _kd_rows(self, targets: list[Target]) -> list[dict]:
         """Protocol "kd": each pre-trained student learns the target from a supervised teacher using

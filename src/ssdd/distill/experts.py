@@ -1,5 +1,7 @@
 """Knowledge-distillation experts (MKDT stage 1): students trained by MSE to the teacher's
-features of the source, their parameters recorded at init and after every epoch.
+features of the source, their parameters recorded at init and after every epoch. The trainer takes
+an :class:`ExpertTask` (model, targets, loss), so MTT's cross-entropy classifier experts
+(``mtt.py``) are the same code with labels as targets.
 
 Prep stage ``experts`` returns ``trajectories`` (K × (epochs+1) × P, float32) and
 ``epoch1_loss`` (n,): each source example's KD loss under the experts' epoch-1 parameters,
@@ -11,19 +13,23 @@ is identical to an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ssdd.config import ExpertsConfig
+from ssdd import distributed
 from ssdd.data.augment import crop_flip
 from ssdd.distill.registry import DistillContext, register_prep
 from ssdd.distill.trajectory import flat_params, load_flat_params, param_count, unflatten_params
 from ssdd.models import Encoder, build
 
-__all__ = ["expert_seed", "flat_params", "load_flat_params", "param_count", "unflatten_params",
-           "per_example_kd_loss", "train_expert", "train_experts", "build_seeded"]
+__all__ = ["expert_seed", "flat_params", "load_flat_params", "param_count", "unflatten_params", "ExpertTask",
+           "kd_task", "per_example_loss", "squared_error", "train_expert", "run_experts", "train_experts",
+           "build_seeded"]
 
 
 def expert_seed(seed: int, k: int, purpose: str = "") -> int:
@@ -40,64 +46,100 @@ def build_seeded(spec: dict, seed: int, device: torch.device | str) -> Encoder:
     return model.to(device)
 
 
+def squared_error(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example mean squared error (the KD loss of each row)."""
+    return (out - targets).pow(2).mean(1)
+
+
 @torch.no_grad()
-def per_example_kd_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                        transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-                        chunk: int = 512) -> torch.Tensor:
-    """Mean squared error of ``model(transform(images[i]))`` to ``targets[i]`` for every example (eval
-    mode), in chunks (``transform`` turns stored uint8 images into model inputs, e.g. ``ctx.to_space``)."""
+def per_example_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                     transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, chunk: int = 512,
+                     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = squared_error) -> torch.Tensor:
+    """``loss`` of ``model(transform(images[i]))`` to ``targets[i]`` for every example (eval mode), in
+    chunks (``transform`` turns stored uint8 images into model inputs, e.g. ``ctx.to_space``)."""
     was_training = model.training
     model.eval()
-    out = torch.cat([(model(transform(images[i:i + chunk])) - targets[i:i + chunk]).pow(2).mean(1)
+    out = torch.cat([loss(model(transform(images[i:i + chunk])), targets[i:i + chunk])
                      for i in range(0, len(images), chunk)])
     model.train(was_training)
     return out
 
 
-def train_expert(ctx: DistillContext, k: int, images_u8: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train expert ``k``; returns its trajectory ((epochs+1) × P, float32, CPU) and the per-example
-    KD loss of its epoch-1 parameters on the whole un-augmented source (n, CPU).
+@dataclass(frozen=True)
+class ExpertTask:
+    """What the experts learn, so one trainer serves MKDT's KD experts and MTT's classifier experts."""
+
+    cfg: ExpertsConfig  # count, epochs, optimiser, batch, augment
+    spec: dict  # the expert model (out_dim = the teacher's dim, or the number of classes)
+    targets: torch.Tensor  # one row per source image on ctx.device: teacher features (n, d) or labels (n,)
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # batch loss of the SGD steps
+    per_example: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B,) losses: the epoch-1 scores
+    # targets of an augmented uint8 view (KD: the teacher on that view); None = the image's own row
+    view_targets: Callable[[torch.Tensor], torch.Tensor] | None = None
+    name: str = "experts"  # progress label
+    seed_tag: str = ""  # prefix of the RNG purposes, so two kinds of experts never share draws
+
+
+def kd_task(ctx: DistillContext) -> ExpertTask:
+    """MKDT's experts: ``ctx.spec`` students regressing the teacher's features by MSE."""
+    def view_targets(view: torch.Tensor) -> torch.Tensor:  # teacher targets of the very view the student sees
+        with torch.no_grad():
+            return ctx.teacher(ctx.norm(view))
+
+    return ExpertTask(ctx.cfg.experts, ctx.spec, ctx.teacher_features(), F.mse_loss, squared_error, view_targets)
+
+
+def train_expert(ctx: DistillContext, k: int, images_u8: torch.Tensor | None = None,
+                 task: ExpertTask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train expert ``k`` of ``task`` (default: :func:`kd_task`); returns its trajectory ((epochs+1) × P,
+    float32, CPU) and the per-example loss of its epoch-1 parameters on the whole un-augmented source (n, CPU).
 
     ``images_u8`` (the source already on ``ctx.device``) may be passed to avoid copying it per expert;
     batches are converted to image space as they are drawn (no float copy of the whole source).
     """
-    cfg = ctx.cfg.experts
+    task = kd_task(ctx) if task is None else task
+    cfg, tag = task.cfg, task.seed_tag
     images_u8 = ctx.source.images.to(ctx.device) if images_u8 is None else images_u8
-    z_t = ctx.teacher_features()
     n = len(images_u8)
-    model = build_seeded(ctx.spec, expert_seed(ctx.seed, k, "init"), ctx.device).train()
+    model = build_seeded(task.spec, expert_seed(ctx.seed, k, tag + "init"), ctx.device).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    order_gen = torch.Generator().manual_seed(expert_seed(ctx.seed, k, "order"))
-    aug_gen = torch.Generator(device=ctx.device).manual_seed(expert_seed(ctx.seed, k, "augment"))
+    order_gen = torch.Generator().manual_seed(expert_seed(ctx.seed, k, tag + "order"))
+    aug_gen = torch.Generator(device=ctx.device).manual_seed(expert_seed(ctx.seed, k, tag + "augment"))
     snapshots = [flat_params(model).cpu()]
     epoch1_loss = None
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=order_gen).to(images_u8.device)
         for i in range(0, n, cfg.batch):
             idx = order[i:i + cfg.batch]
-            if cfg.augment:  # teacher targets of the very view the student sees
+            if cfg.augment:
                 view = crop_flip(images_u8[idx], ctx.cfg.crop_pad, ctx.cfg.flip, aug_gen)
                 x = ctx.to_space(view)
-                with torch.no_grad():
-                    z = ctx.teacher(ctx.norm(view))
+                z = task.view_targets(view) if task.view_targets is not None else task.targets[idx]
             else:
-                x, z = ctx.to_space(images_u8[idx]), z_t[idx]
-            loss = F.mse_loss(model(x), z)
+                x, z = ctx.to_space(images_u8[idx]), task.targets[idx]
+            loss = task.loss(model(x), z)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         snapshots.append(flat_params(model).cpu())
         if epoch == 0:  # the live model, so BatchNorm students are scored with their running statistics
-            epoch1_loss = per_example_kd_loss(model, images_u8, z_t, ctx.to_space).float().cpu()
+            epoch1_loss = per_example_loss(model, images_u8, task.targets, ctx.to_space,
+                                           loss=task.per_example).float().cpu()
     return torch.stack(snapshots), epoch1_loss
 
 
 @register_prep("experts", needs=("distill.experts",))
 def train_experts(ctx: DistillContext) -> dict[str, torch.Tensor]:
     """K knowledge-distillation experts and the high-loss scores (MKDT stages 1-2)."""
-    cfg = ctx.cfg.experts
-    hooks = ctx.hooks
     ctx.teacher.eval()
+    return run_experts(ctx, kd_task(ctx))
+
+
+def run_experts(ctx: DistillContext, task: ExpertTask) -> dict[str, torch.Tensor]:
+    """``task.cfg.count`` experts, one after another, resumable through ``ctx.hooks``: ``trajectories``
+    (K × (epochs+1) × P) and ``epoch1_loss`` (n,), each example's epoch-1 loss averaged over experts."""
+    cfg = task.cfg
+    hooks = ctx.hooks
     done: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
     if hooks.resume is not None:
@@ -106,14 +148,18 @@ def train_experts(ctx: DistillContext) -> dict[str, torch.Tensor]:
         if int(hooks.resume["step"]) != len(done) or len(done) != len(losses):
             raise ValueError("experts: inconsistent resume state")
     images_u8 = ctx.source.images.to(ctx.device)
-    bar = tqdm(range(len(done), cfg.count), desc="experts", disable=not ctx.progress, dynamic_ncols=True,
-               initial=len(done), total=cfg.count)
-    for k in bar:
-        trajectory, loss = train_expert(ctx, k, images_u8)
-        done.append(trajectory)
-        losses.append(loss)
-        bar.set_postfix(loss=f"{loss.mean().item():.4f}", refresh=False)
-        step = k + 1
+    bar = tqdm(total=cfg.count, initial=len(done), desc=task.name, disable=not ctx.progress, dynamic_ncols=True)
+    ranks = distributed.world()  # under torchrun, N experts at a time: expert k on rank k mod N
+    for start in range(len(done), cfg.count, ranks):
+        k = start + distributed.rank()
+        mine = train_expert(ctx, k, images_u8, task) if k < cfg.count else None
+        for trajectory, loss in [made for made in distributed.all_gather(mine) if made is not None]:
+            done.append(trajectory)
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.mean().item():.4f}", refresh=False)
+        step = len(done)
         hooks.after_step(step, cfg.count, lambda: {"step": step, "done": list(done), "losses": list(losses)},
-                         "experts")
+                         task.name)
+    bar.close()
     return {"trajectories": torch.stack(done), "epoch1_loss": torch.stack(losses).mean(0)}

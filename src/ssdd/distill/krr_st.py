@@ -4,11 +4,12 @@ features of a pool model, predicts the teacher's features of real images."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from ssdd import distributed
 from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import BatchSampler, Normalizer
@@ -110,24 +111,30 @@ class OuterStep:
     def __init__(self, x_s: torch.Tensor, y_s: torch.Tensor, opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, pool: Any, sampler: BatchSampler,
                  aug_gen: torch.Generator, teacher: torch.nn.Module, norm: Normalizer, cfg: DistillConfig,
-                 cache: CachedTeacher | None = None):
+                 cache: CachedTeacher | None = None, targets_of: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.x_s, self.y_s, self.opt, self.sched, self.pool = x_s, y_s, opt, sched, pool
         self.sampler, self.aug_gen, self.teacher, self.norm, self.cfg = sampler, aug_gen, teacher, norm, cfg
         self.cache = cache
+        self.targets_of = targets_of  # source indices -> real targets in place of the teacher (frepo: labels)
         self.device = x_s.device
 
     def real_batch(self, timer: PhaseTimer | NoTimer = NO_TIMER) -> tuple[torch.Tensor, torch.Tensor]:
-        """An augmented real batch (normalised) and its teacher targets."""
+        """An augmented real batch (normalised) and its teacher targets: under torchrun this rank's
+        share of the global batch, which every rank draws and augments alike."""
         cfg, device = self.cfg, self.device
         with timer("data"):
             index = self.sampler.next_index()
             real = self.sampler.images[index]
+            mine = distributed.share(len(index))
             if self.cache is not None:
                 real, t_real = self.cache.batch(real, index, self.aug_gen)
+                t_real = t_real[mine]
             else:
                 real = crop_flip(real, cfg.crop_pad, cfg.flip, self.aug_gen)
-            x_real = self.norm(real).contiguous(memory_format=torch.channels_last)
-        if self.cache is None:
+            x_real = self.norm(real[mine]).contiguous(memory_format=torch.channels_last)
+        if self.targets_of is not None:  # fixed targets of the real images (FRePo: labels), not the teacher's
+            t_real = self.targets_of(index[mine])
+        elif self.cache is None:
             with timer("teacher"), torch.inference_mode(), autocast(device):
                 t_real = self.teacher(x_real).float()
         return x_real, t_real
@@ -146,6 +153,11 @@ class OuterStep:
             g_r, t_real = g_r.clone(), t_real.clone()  # out of inference mode: the ridge graph keeps them
         with autocast(device):
             loss, d_x, d_y = outer_grads(model, self.x_s, self.y_s, g_r, t_real, k.ridge, k.chunk, timer)
+        if distributed.active():  # the loss is a mean over the real batch: weight each share, then sum
+            with timer("all_reduce"):
+                weight = len(x_real) / self.sampler.batch
+                loss, d_x, d_y = loss * weight, d_x * weight, d_y * weight
+                distributed.all_reduce_sum_([loss, d_x, d_y])
         if not torch.isfinite(loss):
             raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
                             f"{t_real.abs().max().item():.3g}; synthetic images finite: "
@@ -216,10 +228,14 @@ def _heldout_check(ctx: DistillContext, result: DistillResult) -> dict:
     return losses
 
 
-def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> DistillResult:
+def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
+                   targets_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   learn_targets: bool = True) -> DistillResult:
     """Run KRR-ST (DESIGN.md, "KRR-ST, exactly") from the paired draw ``ctx.init_index``.
 
     ``pool`` replaces the model pool by anything with its interface (``krr_st_experts``).
+    ``targets_of(index)`` replaces the teacher as the source of targets, synthetic (init) and real (each
+    batch), and ``learn_targets=False`` keeps the synthetic targets fixed: the labelled ``frepo``.
 
     ``ctx.hooks.checkpoint(state)`` is called after a step when ``checkpoint_due(step)`` says so and when
     ``should_stop()`` turns true (then :class:`ssdd.errors.Stopped` is raised); passing that state
@@ -230,11 +246,11 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
     torch.manual_seed(ctx.seed)
     teacher.eval()
     index = ctx.init_index
-    x0, y0 = ctx.to_space(ctx.source.images[index]), ctx.targets_for(index)
+    x0, y0 = ctx.to_space(ctx.source.images[index]), (targets_of or ctx.targets_for)(index)
     x_s = x0.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # as the models' weights
     y_s = y0.clone().requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": [x_s], "lr": k.lr_images}, {"params": [y_s], "lr": k.lr_targets}],
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": [x_s], "lr": k.lr_images}]
+                            + ([{"params": [y_s], "lr": k.lr_targets}] if learn_targets else []), weight_decay=0.0)
     decay = lambda t: 1.0 - (1.0 - k.final_lr_ratio) * t / max(1, k.steps - 1)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     pool = pool or ModelPool(ctx.spec, k.pool_size, k.pool_max_age, k.pool_reset, k.pool_lr, k.pool_momentum,
@@ -265,7 +281,8 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None) -> Distil
                 "losses": list(losses)}
 
     cache = CachedTeacher(ctx.prep["teacher_views"], cfg.crop_pad, device) if "teacher_views" in ctx.prep else None
-    outer_step = OuterStep(x_s, y_s, opt, sched, pool, sampler, aug_gen, make_teacher(teacher, k), norm, cfg, cache)
+    outer_step = OuterStep(x_s, y_s, opt, sched, pool, sampler, aug_gen,
+                           make_teacher(teacher, k) if targets_of is None else teacher, norm, cfg, cache, targets_of)
     bar = tqdm(range(len(losses), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
                dynamic_ncols=True, initial=len(losses), total=k.steps)
     for step in bar:

@@ -1,12 +1,18 @@
 """MKDT (../shared/methods/mkdt.md): synthetic images and targets whose unrolled student training
 imitates the parameter trajectories of knowledge-distillation experts, plus its high-loss
-initialisation as a baseline of its own (``high_loss``)."""
+initialisation as a baseline of its own (``high_loss``). The matching loop,
+:func:`match_trajectories`, is shared with MTT (``mtt.py``)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
+from ssdd.config import MkdtConfig, MttConfig
 from ssdd.distill.experts import build_seeded, expert_seed
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.distill.trajectory import param_count, trajectory_matching_loss, unrolled_params
@@ -50,17 +56,10 @@ def high_loss_subset(ctx: DistillContext) -> DistilledSet:
 def distill_mkdt(ctx: DistillContext) -> DistilledSet:
     """Trajectory matching to knowledge-distillation experts (MKDT, ICLR 2025)."""
     cfg = ctx.cfg.mkdt
-    hooks = ctx.hooks
     trajectories = _experts(ctx)["trajectories"]
-    if trajectories.ndim != 3 or trajectories.shape[1] < cfg.max_start_epoch + cfg.span + 1:
-        raise UserError(f"experts: trajectories of {trajectories.shape[1] - 1 if trajectories.ndim == 3 else '?'} "
-                        f"epochs, but distill.mkdt.max_start_epoch + distill.mkdt.span = "
-                        f"{cfg.max_start_epoch + cfg.span}; raise distill.experts.epochs")
     ctx.teacher.eval()
     model = build_seeded(ctx.spec, expert_seed(ctx.seed, 0, "mkdt-student"), ctx.device)  # architecture only
-    if param_count(model) != trajectories.shape[2]:
-        raise UserError(f"experts: trajectories hold {trajectories.shape[2]} parameters, but the student "
-                        f"({ctx.spec.get('arch')}) has {param_count(model)}; redo the experts stage")
+    check_trajectories(trajectories, cfg, "mkdt", "distill.experts", ctx.spec, model)
 
     index = initial_index(ctx)
     x_s = ctx.to_space(ctx.source.images[index]).detach().clone().requires_grad_(True)
@@ -69,7 +68,35 @@ def distill_mkdt(ctx: DistillContext) -> DistilledSet:
     optimizers = [torch.optim.SGD([x_s], lr=cfg.lr_images, momentum=cfg.momentum),
                   torch.optim.SGD([y_s], lr=cfg.lr_targets, momentum=cfg.momentum),
                   torch.optim.SGD([alpha], lr=cfg.lr_lr, momentum=cfg.momentum)]
-    gen = torch.Generator().manual_seed(expert_seed(ctx.seed, 0, "mkdt"))
+    losses, lr_curve = match_trajectories(ctx, "mkdt", cfg, trajectories, model, x_s, y_s, alpha, optimizers)
+    return DistilledSet(x_s.detach(), y_s.detach(), lr=float(alpha.item()),
+                        meta={"init": cfg.init, "init_index": index.tolist(), "losses": losses, "lr_curve": lr_curve})
+
+
+def check_trajectories(trajectories: torch.Tensor, cfg: MkdtConfig | MttConfig, name: str, experts_key: str,
+                       spec: dict, model: nn.Module) -> None:
+    """One clear error when the experts' trajectories are too short for ``cfg`` or were trained with
+    another student than ``model``, the one matched."""
+    if trajectories.ndim != 3 or trajectories.shape[1] < cfg.max_start_epoch + cfg.span + 1:
+        raise UserError(f"experts: trajectories of {trajectories.shape[1] - 1 if trajectories.ndim == 3 else '?'} "
+                        f"epochs, but distill.{name}.max_start_epoch + distill.{name}.span = "
+                        f"{cfg.max_start_epoch + cfg.span}; raise {experts_key}.epochs")
+    if param_count(model) != trajectories.shape[2]:
+        raise UserError(f"experts: trajectories hold {trajectories.shape[2]} parameters, but the student "
+                        f"({spec.get('arch')}) has {param_count(model)}; redo the experts stage")
+
+
+def match_trajectories(ctx: DistillContext, name: str, cfg: MkdtConfig | MttConfig, trajectories: torch.Tensor,
+                       model: nn.Module, x_s: torch.Tensor, y_s: torch.Tensor, alpha: torch.Tensor,
+                       optimizers: list[torch.optim.Optimizer],
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+                       ) -> tuple[list[float], list[float]]:
+    """MTT's outer loop, shared by mkdt and mtt: per iteration an expert (cycling a shuffled list) and a
+    start epoch t < max_start_epoch; ``syn_steps`` unrolled ``loss_fn`` steps on (``x_s``, ``y_s``) at the
+    inner lr ``alpha`` from epoch t should land on epoch t + span; one backward, every optimiser steps.
+    Updates the tensors in place, checkpoints and resumes through ``ctx.hooks``; returns (losses, lr curve)."""
+    hooks = ctx.hooks
+    gen = torch.Generator().manual_seed(expert_seed(ctx.seed, 0, name))
     k_experts = trajectories.shape[0]
     queue: list[int] = []  # experts left in the current shuffled cycle
     losses: list[float] = []
@@ -91,7 +118,7 @@ def distill_mkdt(ctx: DistillContext) -> DistilledSet:
                 "alpha": alpha.detach().clone(), "optimizers": [opt.state_dict() for opt in optimizers],
                 "gen": gen.get_state(), "queue": list(queue), "losses": list(losses), "lr_curve": list(lr_curve)}
 
-    bar = tqdm(range(len(losses), cfg.iterations), desc="mkdt", disable=not ctx.progress, dynamic_ncols=True,
+    bar = tqdm(range(len(losses), cfg.iterations), desc=name, disable=not ctx.progress, dynamic_ncols=True,
                initial=len(losses), total=cfg.iterations)
     for it in bar:
         if not queue:
@@ -100,24 +127,23 @@ def distill_mkdt(ctx: DistillContext) -> DistilledSet:
         t = int(torch.randint(0, cfg.max_start_epoch, (1,), generator=gen))
         theta_0 = trajectories[e, t].to(ctx.device, torch.float32)
         theta_star = trajectories[e, t + cfg.span].to(ctx.device, torch.float32)
-        theta_n = unrolled_params(model, theta_0, x_s, y_s, alpha, cfg.syn_steps, cfg.batch_syn, gen)
+        theta_n = unrolled_params(model, theta_0, x_s, y_s, alpha, cfg.syn_steps, cfg.batch_syn, gen, loss_fn)
         loss = trajectory_matching_loss(theta_n, theta_0, theta_star)
         if not torch.isfinite(loss):
-            raise UserError(f"mkdt: non-finite trajectory-matching loss at iteration {it} (expert {e}, start epoch "
-                            f"{t}, inner lr {alpha.item():.3g}); lower distill.mkdt.lr_images or distill.mkdt.lr_lr "
-                            "(or distill.mkdt.syn_steps)")
+            raise UserError(f"{name}: non-finite trajectory-matching loss at iteration {it} (expert {e}, start epoch "
+                            f"{t}, inner lr {alpha.item():.3g}); lower distill.{name}.lr_images or "
+                            f"distill.{name}.lr_lr (or distill.{name}.syn_steps)")
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
         for opt in optimizers:
             opt.step()
         if not alpha.item() > 0:
-            raise UserError(f"mkdt: the learned inner lr became {alpha.item():.3g} at iteration {it}; "
-                            "lower distill.mkdt.lr_lr")
+            raise UserError(f"{name}: the learned inner lr became {alpha.item():.3g} at iteration {it}; "
+                            f"lower distill.{name}.lr_lr")
         losses.append(loss.item())
         lr_curve.append(alpha.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_curve[-1]:.4g}", refresh=False)
         step = it + 1
-        hooks.after_step(step, cfg.iterations, state, "mkdt")
-    return DistilledSet(x_s.detach(), y_s.detach(), lr=float(alpha.item()),
-                        meta={"init": cfg.init, "init_index": index.tolist(), "losses": losses, "lr_curve": lr_curve})
+        hooks.after_step(step, cfg.iterations, state, name)
+    return losses, lr_curve

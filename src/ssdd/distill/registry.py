@@ -28,9 +28,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ssdd.checkpoint import Hooks
 from ssdd.config import DistillConfig
 from ssdd.data import ImageSet, Normalizer
-from ssdd.errors import Stopped, UserError
+from ssdd.errors import UserError
 
 
 @dataclass
@@ -44,25 +45,6 @@ class DistilledSet:
     objective: str = "mse"  # how pretrain uses the set: "mse" to targets, "cross_entropy" to class
     # probabilities (labelled methods: one-hot or soft labels), or "barlow_twins" on the images
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able facts about the run (index, losses, ...)
-
-
-@dataclass
-class Hooks:
-    """Checkpoint / resume / stop hooks of one resumable loop (see ``distill_krr_st``)."""
-
-    resume: dict | None = None
-    checkpoint: Callable[[dict], None] | None = None
-    checkpoint_due: Callable[[int], bool] = lambda step: False
-    should_stop: Callable[[], bool] = lambda: False
-
-    def after_step(self, step: int, total: int, state: Callable[[], dict], name: str) -> None:
-        """Call after step ``step`` of ``total``: checkpoint when due or when a stop was asked for, then
-        stop (:class:`ssdd.errors.Stopped`) if it was and work remains."""
-        stop = self.should_stop()
-        if self.checkpoint and (stop or self.checkpoint_due(step)):
-            self.checkpoint(state())
-        if stop and step < total:
-            raise Stopped(name, step)
 
 
 @dataclass

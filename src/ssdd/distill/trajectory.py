@@ -8,6 +8,8 @@ run the model with parameters that carry an autograd graph.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,10 +62,14 @@ def minibatches(m: int, batch: int, steps: int, generator: torch.Generator | Non
 
 def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
                     lr: torch.Tensor | float, steps: int, batch: int = 0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flat parameters after ``steps`` plain gradient steps θ ← θ − lr ∇ MSE(f_θ(x_b), y_b) from
+                    generator: torch.Generator | None = None,
+                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss) -> torch.Tensor:
+    """Flat parameters after ``steps`` plain gradient steps θ ← θ − lr ∇ loss(f_θ(x_b), y_b) from
     ``start_flat``, keeping the graph so that the result differentiates w.r.t. ``images``,
     ``targets`` and ``lr`` (and ``start_flat`` when it requires grad).
+
+    ``loss`` is the student's training objective: MSE to feature targets (MKDT, the default) or
+    ``F.cross_entropy`` to class-probability rows (MTT, one-hot labels); it must be differentiable twice.
 
     ``model`` only supplies the architecture: its own parameters are not used or changed. It runs
     in train mode; BatchNorm statistics come from each minibatch and updates go to fresh copies of
@@ -79,8 +85,7 @@ def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Te
             index = index.to(images.device)
             x_b, y_b = images[index], targets[index]
             out = functional_call(model, {**unflatten_params(model, theta), **buffers}, (x_b,))
-            loss = F.mse_loss(out, y_b)
-            (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
+            (grad,) = torch.autograd.grad(loss(out, y_b), theta, create_graph=True)
             theta = theta - lr * grad
     finally:
         model.train(was_training)

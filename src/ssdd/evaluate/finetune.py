@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ssdd.artifacts import restore_rng, rng_state
+from ssdd.checkpoint import Hooks
 from ssdd.config import EvaluateConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
@@ -33,14 +35,19 @@ def accuracy(model: Encoder, test: ImageSet, norm: Normalizer, device: torch.dev
 
 
 def finetune_accuracy(encoder: Encoder, train: ImageSet, test: ImageSet, norm: Normalizer, cfg: EvaluateConfig,
-                      seed: int, device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune") -> float:
+                      seed: int, device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune",
+                      hooks: Hooks | None = None) -> float:
     """Test accuracy after :func:`finetune`."""
-    return accuracy(finetune(encoder, train, norm, cfg, seed, device, progress, desc), test, norm, device)
+    return accuracy(finetune(encoder, train, norm, cfg, seed, device, progress, desc, hooks), test, norm, device)
 
 
 def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateConfig, seed: int,
-             device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune") -> Encoder:
-    """SGD with momentum and cosine decay over ``finetune_iters`` steps, crop (+flip) augmentation."""
+             device: torch.device | str = "cpu", progress: bool = True, desc: str = "finetune",
+             hooks: Hooks | None = None) -> Encoder:
+    """SGD with momentum and cosine decay over ``finetune_iters`` steps, crop (+flip) augmentation.
+
+    ``hooks`` checkpoint the loop (the paper presets fine-tune for 10,000 steps) and resume it
+    bit-identically, as every long loop does (:mod:`ssdd.checkpoint`)."""
     torch.manual_seed(seed)
     model = copy.deepcopy(encoder).to(device)
     model.replace_head(train.num_classes)
@@ -49,8 +56,24 @@ def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateC
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.finetune_iters)
     sampler = BatchSampler(train, cfg.finetune_batch, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed)
+    hooks = hooks or Hooks()
+    start = 0
+    if hooks.resume is not None:
+        model.load_state_dict(hooks.resume["model"])
+        opt.load_state_dict(hooks.resume["opt"])
+        sched.load_state_dict(hooks.resume["sched"])
+        sampler.load_state_dict(hooks.resume["sampler"])
+        gen.set_state(hooks.resume["gen"])
+        restore_rng(hooks.resume)
+        start = int(hooks.resume["step"])
+
+    def state(step: int) -> dict:
+        return {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "sampler": sampler.state_dict(), "gen": gen.get_state(), **rng_state()}
+
     model.train()
-    for _ in tqdm(range(cfg.finetune_iters), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    for step in tqdm(range(start, cfg.finetune_iters), desc=desc, disable=not progress, dynamic_ncols=True,
+                     leave=False, initial=start, total=cfg.finetune_iters):
         x, y = sampler.next()
         x = norm(crop_flip(x, cfg.finetune_crop_pad, cfg.finetune_flip, gen))
         with autocast(device):
@@ -60,4 +83,5 @@ def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateC
         loss.backward()
         opt.step()
         sched.step()
+        hooks.after_step(step + 1, cfg.finetune_iters, lambda: state(step + 1), "finetune")
     return model.eval()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
+from ssdd.checkpoint import Hooks
 from ssdd.config import EvaluateConfig
 from ssdd.data import ImageSet, Normalizer, stratified_split
 from ssdd.errors import UserError
@@ -71,8 +73,11 @@ def label_index(train: ImageSet, fraction: float, seed: int, draw: int = 0, vali
 
 
 def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, cfg: EvaluateConfig,
-                     device: str = "cpu", progress: bool = True) -> list[dict]:
+                     device: str = "cpu", progress: bool = True,
+                     finetune_hooks: Callable[[float], Hooks] | None = None) -> list[dict]:
     """All protocols of one (method, seed) encoder on one target.
+
+    ``finetune_hooks(fraction)`` gives each fine-tune its checkpoint / resume hooks (none: no checkpoints).
 
     Rows: ``method, target, protocol, label_fraction, seed, accuracy, arch`` plus ``n_labels`` (per
     draw), ``c`` (the linear probe's C chosen most often over the draws; None for fine-tuning),
@@ -119,6 +124,7 @@ def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, c
             idx = label_index(target.train, fraction, seed)
             labelled = target.train.subset(torch.from_numpy(idx))
             acc = finetune_accuracy(encoder, labelled, target.test, norm, cfg, seed, device, progress,
-                                    desc=f"finetune {method} s{seed} {fraction:g}")
+                                    desc=f"finetune {method} s{seed} {fraction:g}",
+                                    hooks=finetune_hooks(fraction) if finetune_hooks else None)
             rows.append(row("finetune", fraction, acc, len(idx)))
     return rows

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssdd import distributed
 from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import TeacherConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import ssl_views
 from ssdd.errors import Stopped, UserError
 from ssdd.models import Encoder, build, model_spec
+from ssdd.models.global_norm import to_global, to_local
 from ssdd.models.ssl import barlow_twins_loss, projector
 from ssdd.precision import autocast
 
@@ -32,8 +34,14 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
                        checkpoint: Callable[[dict], None] | None = None,
                        checkpoint_due: Callable[[int], bool] = lambda step: False,
                        should_stop: Callable[[], bool] = lambda: False, spec: dict | None = None,
-                       desc: str = "teacher") -> TeacherResult:
+                       desc: str = "teacher", data_parallel: bool = False) -> TeacherResult:
     """SGD with momentum (or AdamW), linear warm-up then cosine decay; views from :func:`ssl_views`.
+
+    ``data_parallel`` (under torchrun): every rank draws the same global batch and views, runs its
+    share through the network with BatchNorm over the global batch, and the cross-correlation is
+    computed over the gathered embeddings; the summed gradients equal one process's on the same
+    batch, up to float reduction order. (Views are drawn for the whole batch on every rank so that
+    N ranks and one process see the same images: cheap next to the network on a GPU.)
 
     ``spec`` builds another encoder than ``cfg.model`` (SSL pre-training of a distilled set's student).
     Checkpoint / resume / stop work as in :func:`ssdd.distill.distill_krr_st`.
@@ -43,6 +51,8 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
     spec = {**spec, "out_dim": 0} if spec is not None else model_spec(cfg.model, c, h, out_dim=0)
     encoder = build(spec).to(device)
     proj = projector(encoder.feature_dim, cfg.projector).to(device)
+    parallel = data_parallel and distributed.active()
+    local_norms = (to_global(encoder), to_global(proj)) if parallel else None
     params = list(encoder.parameters()) + list(proj.parameters())
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -71,24 +81,34 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         x, _ = sampler.next()
         x = x.float() / 255
         v1, v2 = norm.normalize_unit(views(x)), norm.normalize_unit(views(x))
+        if parallel:
+            mine = distributed.share(len(x))
+            v1, v2 = v1[mine], v2[mine]
         with autocast(device):
             z1, z2 = proj(encoder.features(v1)), proj(encoder.features(v2))
+        if parallel:
+            z1, z2 = distributed.gather_keep_grad(z1, len(x)), distributed.gather_keep_grad(z2, len(x))
         loss = barlow_twins_loss(z1, z2, cfg.redundancy_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel:
+            distributed.sum_gradients_(params)
         opt.step()
         sched.step()
         if not torch.isfinite(loss):
             raise UserError(f"teacher: non-finite Barlow Twins loss at step {step}; lower teacher.lr (last checkpoint kept)")
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
-        stop = should_stop()
+        stop = distributed.any_true(should_stop()) if parallel else should_stop()
         if checkpoint and (stop or checkpoint_due(step + 1)):
             checkpoint({"step": step + 1, "encoder": encoder.state_dict(), "projector": proj.state_dict(),
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "sampler": sampler.state_dict(),
                         **rng_state(), "losses": list(losses)})
         if stop and step + 1 < total:
             raise Stopped("teacher", step + 1)
+    if local_norms is not None:
+        to_local(encoder, local_norms[0])
+        to_local(proj, local_norms[1])
     recalibrate_batchnorm(encoder, data, norm, cfg.batch, device)
     return TeacherResult(encoder.eval(), spec, losses)
 

@@ -1,0 +1,104 @@
+"""DM (Zhao & Bilen, WACV 2023), a labelled baseline: synthetic images whose mean embedding per class,
+under a freshly initialised network each iteration and siamese DSA augmentation, matches the mean
+embedding of that class's real images (sum over classes of the squared distance between the means)."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ssdd.data import siamese_augment as dsa_aug
+from ssdd.distill.experts import build_seeded, expert_seed
+from ssdd.distill.per_class import ClassBatches, balanced_start
+from ssdd.distill.registry import DistillContext, DistilledSet, register
+from ssdd.errors import UserError
+
+REAL_CHUNK = 4096  # real images per forward pass (bounds memory; the means are exact sums)
+
+
+def class_means(features: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups, D) mean feature of each group (zero for an empty group)."""
+    sums = features.new_zeros(groups, features.shape[1]).index_add(0, group, features)
+    counts = torch.bincount(group, minlength=groups).clamp_min(1).to(features.dtype)
+    return sums / counts[:, None]
+
+
+def mean_embedding_distance(real_means: torch.Tensor, syn_features: torch.Tensor, syn_group: torch.Tensor) -> torch.Tensor:
+    """DM's loss: sum over classes c of ||real_means[c] - mean of the synthetic features of class c||^2."""
+    return (real_means - class_means(syn_features, syn_group, len(real_means))).pow(2).sum()
+
+
+@torch.no_grad()
+def real_class_means(net: torch.nn.Module, ctx: DistillContext, source_u8: torch.Tensor, index: torch.Tensor,
+                     group: torch.Tensor, params: dsa_aug.AugParams, groups: int) -> torch.Tensor:
+    """Mean embedding of each class's augmented real batch, ``REAL_CHUNK`` images per pass."""
+    sums = counts = None
+    for i in range(0, len(index), REAL_CHUNK):
+        g = group[i:i + REAL_CHUNK].to(ctx.device)
+        x = dsa_aug.apply(ctx.to_space(source_u8[index[i:i + REAL_CHUNK].to(source_u8.device)]), params, g)
+        f = net.features(x)
+        part = f.new_zeros(groups, f.shape[1]).index_add(0, g, f)
+        sums = part if sums is None else sums + part
+        n = torch.bincount(g, minlength=groups)
+        counts = n if counts is None else counts + n
+    return sums / counts.clamp_min(1).to(sums.dtype)[:, None]
+
+
+@register("dm", needs=("distill.dm",))
+def distill_dm(ctx: DistillContext) -> DistilledSet:
+    """DM: class-balanced real images moved so their per-class mean embedding matches the real images'.
+
+    Start: ``distill.m`` real images spread evenly over the classes (see :func:`balanced_start`: fewer
+    images than classes = a seeded random choice of classes). Each iteration builds a new network
+    (``model`` spec, one output per class; its features before the classifier are the embedding; train
+    mode as published, so BatchNorm uses batch statistics of each real chunk), draws one DSA augmentation
+    per class applied to that class's real batch and synthetic images alike, and takes one SGD step on
+    the images. Returns one-hot labels for cross-entropy pre-training.
+    """
+    cfg, hooks, device = ctx.cfg.dm, ctx.hooks, ctx.device
+    labels = ctx.require_labels("dm")
+    ops = dsa_aug.parse_strategy(cfg.augment, "distill.dm.augment")
+    start = balanced_start(labels.labels, ctx.cfg.m, expert_seed(ctx.seed, 0, "dm-init"))
+    k = len(start.classes)
+    source_u8 = ctx.source.images.to(device)
+    syn_group = start.group.to(device)
+    x_s = ctx.to_space(source_u8[start.index.to(device)]).detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([x_s], lr=cfg.lr_images, momentum=cfg.momentum)
+    gen = torch.Generator().manual_seed(expert_seed(ctx.seed, 0, "dm-draws"))
+    batches = ClassBatches(labels.labels, start.classes)
+    spec = {**ctx.spec, "out_dim": labels.num_classes}
+    size = x_s.shape[-1]
+    losses: list[float] = []
+    if hooks.resume is not None:
+        st = hooks.resume
+        with torch.no_grad():
+            x_s.copy_(st["x_s"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        losses = list(st["losses"])
+
+    def state() -> dict:
+        return {"step": len(losses), "x_s": x_s.detach().clone(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                "losses": list(losses)}
+
+    bar = tqdm(range(len(losses), cfg.iterations), desc="dm", disable=not ctx.progress, dynamic_ncols=True,
+               initial=len(losses), total=cfg.iterations)
+    for it in bar:
+        net = build_seeded(spec, expert_seed(ctx.seed, it, "dm-net"), device).train().requires_grad_(False)
+        params = dsa_aug.draw(k, ops, size, gen, device=device)
+        index, group = batches.sample(cfg.batch_real, gen)
+        real_means = real_class_means(net, ctx, source_u8, index, group, params, k)
+        syn_features = net.features(dsa_aug.apply(x_s, params, syn_group))
+        loss = mean_embedding_distance(real_means, syn_features, syn_group)
+        if not torch.isfinite(loss):
+            raise UserError(f"dm: non-finite loss at iteration {it}; lower distill.dm.lr_images")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item() / k)  # per class, as the published log
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+        hooks.after_step(it + 1, cfg.iterations, state, "dm")
+    return DistilledSet(x_s.detach(), labels.one_hot(start.index).to(device), objective="cross_entropy",
+                        meta={"init": "real_class_balanced", "init_index": start.index.tolist(),
+                              "classes": start.classes.tolist(), "iterations": cfg.iterations, "augment": list(ops),
+                              "losses": losses})

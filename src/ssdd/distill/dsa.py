@@ -1,0 +1,142 @@
+"""DSA (Zhao & Bilen, ICML 2021), a labelled baseline: synthetic images whose cross-entropy gradients
+on a network match, layer by layer and class by class, those of real images under the same (siamese)
+differentiable augmentation, while that network trains on the synthetic set between matching steps."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ssdd.config import DsaConfig
+from ssdd.data import siamese_augment as dsa_aug
+from ssdd.distill.experts import build_seeded, expert_seed
+from ssdd.distill.per_class import ClassBatches, balanced_start
+from ssdd.distill.registry import DistillContext, DistilledSet, register
+from ssdd.errors import UserError
+
+# The published outer/inner loops by images per class (DC/DSA's get_loops): the outer loop always equals ipc.
+PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+
+
+def gradient_distance(real: Sequence[torch.Tensor], syn: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DSA's layer-wise distance: for every layer, the sum over output units of 1 - cosine between the
+    real and synthetic gradient rows (a weight reshaped to out x rest). One-dimensional parameters
+    (biases, norm scales) count zero, as in the paper's code; 1e-6 keeps a zero gradient finite."""
+    total = syn[0].new_zeros(())
+    for g_r, g_s in zip(real, syn, strict=True):
+        if g_r.ndim < 2:
+            continue
+        a, b = g_r.reshape(len(g_r), -1), g_s.reshape(len(g_s), -1)
+        total = total + (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-6)).sum()
+    return total
+
+
+def loops(cfg: DsaConfig, ipc: int) -> tuple[int, int]:
+    """``(outer_loop, inner_loop)``: the configured values, or where 0, the published ones for ``ipc``
+    (ipc outside the table: outer = ipc, inner = that of the nearest tabulated ipc, the smaller on a tie)."""
+    nearest = min(PUBLISHED_LOOPS, key=lambda n: (abs(n - ipc), n))
+    return cfg.outer_loop or ipc, cfg.inner_loop or PUBLISHED_LOOPS[nearest][1]
+
+
+def class_gradients(net: torch.nn.Module, weights: list[torch.Tensor], x: torch.Tensor, label: int,
+                    create_graph: bool) -> tuple[torch.Tensor, ...]:
+    """Gradients of the mean cross-entropy of ``x`` (all of class ``label``) w.r.t. ``weights``."""
+    target = torch.full((len(x),), label, dtype=torch.long, device=x.device)
+    return torch.autograd.grad(F.cross_entropy(net(x), target), weights, create_graph=create_graph)
+
+
+@register("dsa", needs=("distill.dsa",))
+def distill_dsa(ctx: DistillContext) -> DistilledSet:
+    """DSA: class-balanced real images moved so their augmented gradients match the real images' layer by layer.
+
+    Start: ``distill.m`` real images spread evenly over the classes (:func:`balanced_start`: fewer images
+    than classes = a seeded random choice of classes). Each iteration builds a new network (``model``
+    spec, one output per class; train mode throughout, as published for norms without running
+    statistics) and runs ``outer_loop`` matching steps: one augmentation drawn per class and applied to
+    that class's real batch and its synthetic images alike, the summed layer-wise distance over classes,
+    one SGD step on the images; between them, ``inner_loop`` epochs of the network on the (augmented,
+    per-image parameters) synthetic set. Returns one-hot labels for cross-entropy pre-training.
+    """
+    cfg, hooks, device = ctx.cfg.dsa, ctx.hooks, ctx.device
+    labels = ctx.require_labels("dsa")
+    ops = dsa_aug.parse_strategy(cfg.augment, "distill.dsa.augment")
+    start = balanced_start(labels.labels, ctx.cfg.m, expert_seed(ctx.seed, 0, "dsa-init"))
+    k = len(start.classes)
+    outer, inner = loops(cfg, start.images_per_class)
+    source_u8 = ctx.source.images.to(device)
+    syn_group = start.group.to(device)
+    syn_labels = labels.labels[start.index].to(device)
+    syn_rows = [(syn_group == j).nonzero().squeeze(1) for j in range(k)]
+    x_s = ctx.to_space(source_u8[start.index.to(device)]).detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([x_s], lr=cfg.lr_images, momentum=cfg.momentum)
+    gen = torch.Generator().manual_seed(expert_seed(ctx.seed, 0, "dsa-draws"))
+    batches = ClassBatches(labels.labels, start.classes)
+    spec = {**ctx.spec, "out_dim": labels.num_classes}
+    size = x_s.shape[-1]
+    losses: list[float] = []
+    if hooks.resume is not None:
+        st = hooks.resume
+        with torch.no_grad():
+            x_s.copy_(st["x_s"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        losses = list(st["losses"])
+
+    def state() -> dict:
+        return {"step": len(losses), "x_s": x_s.detach().clone(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                "losses": list(losses)}
+
+    bar = tqdm(range(len(losses), cfg.iterations), desc="dsa", disable=not ctx.progress, dynamic_ncols=True,
+               initial=len(losses), total=cfg.iterations)
+    for it in bar:
+        net = build_seeded(spec, expert_seed(ctx.seed, it, "dsa-net"), device).train()
+        weights = [p for p in net.parameters() if p.ndim > 1]  # 1-d parameters count zero in the distance
+        net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum)
+        total = 0.0
+        for ol in range(outer):
+            params = dsa_aug.draw(k, ops, size, gen, device=device)
+            index, group = batches.sample(cfg.batch_real, gen)
+            x_real = dsa_aug.apply(ctx.to_space(source_u8[index.to(device)]), params, group.to(device))
+            x_syn = dsa_aug.apply(x_s, params, syn_group)
+            bounds = torch.bincount(group, minlength=k).cumsum(0).tolist()
+            loss = x_s.new_zeros(())
+            for j, c in enumerate(start.classes.tolist()):
+                real_j = x_real[(bounds[j - 1] if j else 0):bounds[j]]
+                g_real = [g.detach() for g in class_gradients(net, weights, real_j, c, create_graph=False)]
+                g_syn = class_gradients(net, weights, x_syn[syn_rows[j]], c, create_graph=True)
+                loss = loss + gradient_distance(g_real, g_syn)
+            if not torch.isfinite(loss):
+                raise UserError(f"dsa: non-finite loss at iteration {it}; lower distill.dsa.lr_images")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            if ol == outer - 1:
+                break
+            train_network(net, net_opt, x_s.detach(), syn_labels, inner, cfg.batch_train, ops, gen)
+        losses.append(total / (k * outer))  # per class and outer step, as the published log
+        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
+        hooks.after_step(it + 1, cfg.iterations, state, "dsa")
+    return DistilledSet(x_s.detach(), labels.one_hot(start.index).to(device), objective="cross_entropy",
+                        meta={"init": "real_class_balanced", "init_index": start.index.tolist(),
+                              "classes": start.classes.tolist(), "iterations": cfg.iterations, "outer_loop": outer,
+                              "inner_loop": inner, "augment": list(ops), "losses": losses})
+
+
+def train_network(net: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                  epochs: int, batch: int, ops: tuple[str, ...], gen: torch.Generator) -> None:
+    """DSA's inner loop: ``epochs`` shuffled epochs of cross-entropy on the synthetic set, each batch
+    augmented with per-image parameters and one operation for the batch (published non-siamese mode)."""
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=gen).to(images.device)
+        for i in range(0, len(images), batch):
+            rows = order[i:i + batch]
+            params = dsa_aug.draw(len(rows), ops, images.shape[-1], gen, one_op=True, device=images.device)
+            loss = F.cross_entropy(net(dsa_aug.apply(images[rows], params)), labels[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
