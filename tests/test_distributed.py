@@ -285,3 +285,29 @@ def test_experts_split_over_ranks_give_the_single_process_trajectories():
         assert rank["trajectories"].shape == single["trajectories"].shape == (3, 3, single["trajectories"].shape[2])
         assert_close(rank["trajectories"], single["trajectories"], 1e-6)
         assert_close(rank["epoch1_loss"], single["epoch1_loss"], 1e-6)
+
+
+def mkdt_run() -> dict:
+    from test_mkdt import make_ctx
+
+    from ssdd.distill.experts import train_experts
+    from ssdd.distill.mkdt import distill_mkdt
+
+    experts = train_experts(make_ctx(experts={"count": 2, "epochs": 3, "batch": 8}))
+    ctx = make_ctx(prep={"experts": experts}, experts={"count": 2, "epochs": 3, "batch": 8},
+                   mkdt={"iterations": 4, "batch_syn": 5})  # minibatches of 5: shares of 3 and 2
+    ctx.spec = {**ctx.spec, "norm": "instance"}
+    out = distill_mkdt(ctx)
+    return {"images": out.images, "targets": out.targets, "lr": torch.tensor(out.lr), "world": torch.tensor(distributed.world())}
+
+
+def test_trajectory_matching_two_processes_match_one():
+    torch.set_num_threads(1)
+    single = mkdt_run()
+    ranks = in_processes("mkdt_run")
+    assert single["world"] == 1 and ranks[0]["world"] == ranks[1]["world"] == 2
+    for rank in ranks:
+        assert_close(rank["images"], single["images"])
+        assert_close(rank["targets"], single["targets"])
+        assert_close(rank["lr"], single["lr"])
+    assert torch.equal(ranks[0]["images"], ranks[1]["images"])

@@ -175,5 +175,42 @@ def all_reduce_grad(t: torch.Tensor) -> torch.Tensor:
     return _SumOverRanks.apply(t) if active() else t
 
 
+class _SumShares(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class _ShareInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
+def sum_shares(t: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's contribution ``t`` (computed from its share), differentiable for a
+    result that every rank then uses identically: the gradient reaches each share unchanged."""
+    return _SumShares.apply(t) if active() else t
+
+
+def share_input(t: torch.Tensor) -> torch.Tensor:
+    """A replicated tensor as it enters a rank's share of a computation (identity); its gradient is
+    summed over the ranks, so every rank gets the whole gradient. With :func:`sum_shares` this makes
+    a data-parallel step inside a differentiable unrolled loop (trajectory matching)."""
+    return _ShareInput.apply(t) if active() else t
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssdd import distributed
 from ssdd.config import MkdtConfig, MttConfig
 from ssdd.distill.experts import build_seeded, expert_seed
 from ssdd.distill.registry import DistillContext, DistilledSet, register
@@ -136,6 +137,13 @@ def match_trajectories(ctx: DistillContext, name: str, cfg: MkdtConfig | MttConf
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
+        # under torchrun each rank holds the gradient of its shares of the synthetic set: add them up
+        # (the inner lr's gradient is already whole on every rank)
+        if distributed.active():
+            for t in (x_s, y_s):
+                if t.requires_grad and t.grad is None:  # a rank whose shares were all empty
+                    t.grad = torch.zeros_like(t)
+            distributed.all_reduce_sum_([t.grad for t in (x_s, y_s) if t.requires_grad])
         for opt in optimizers:
             opt.step()
         if not alpha.item() > 0:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ssdd import distributed
+
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     """A detached float32 copy of the model's parameters as one vector (order of ``model.parameters()``,
@@ -75,6 +77,11 @@ def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Te
     in train mode; BatchNorm statistics come from each minibatch and updates go to fresh copies of
     its buffers, so the model is left untouched (instance norm, which has no buffers, is the
     intended student).
+
+    Under torchrun each inner step is data-parallel: every rank draws the same minibatch, takes its
+    share, and the summed share gradients make the step, so N ranks give one process's result (with
+    BatchNorm students the statistics are then per share). The caller sums the image and target
+    gradients over the ranks after its backward (see ``mkdt.match_trajectories``).
     """
     theta = start_flat if start_flat.requires_grad else start_flat.detach().requires_grad_(True)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -82,11 +89,15 @@ def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Te
     model.train()
     try:
         for index in minibatches(len(images), batch, steps, generator):
-            index = index.to(images.device)
-            x_b, y_b = images[index], targets[index]
-            out = functional_call(model, {**unflatten_params(model, theta), **buffers}, (x_b,))
-            (grad,) = torch.autograd.grad(loss(out, y_b), theta, create_graph=True)
-            theta = theta - lr * grad
+            mine = index[distributed.share(len(index))].to(images.device)
+            theta_in = distributed.share_input(theta)
+            if len(mine):
+                out = functional_call(model, {**unflatten_params(model, theta_in), **buffers}, (images[mine],))
+                share_loss = loss(out, targets[mine]) * (len(mine) / len(index))
+            else:  # a minibatch smaller than the number of ranks: this rank adds nothing, but takes part
+                share_loss = (theta_in * 0).sum()
+            (grad,) = torch.autograd.grad(share_loss, theta_in, create_graph=True)
+            theta = theta - lr * distributed.sum_shares(grad)
     finally:
         model.train(was_training)
     return theta
