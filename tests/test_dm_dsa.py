@@ -121,20 +121,20 @@ def test_balanced_start_spreads_m_over_the_classes():
 @pytest.mark.parametrize("method", ["dm", "dsa"])
 def test_resume_continues_exactly(method):
     cfg = DistillConfig(m=6)
-    cfg.dm.iterations = cfg.dsa.iterations = 3
+    cfg.dm.iterations = cfg.dsa.iterations = 2
     cfg.dsa.outer_loop, cfg.dsa.inner_loop = 2, 1
     run = distill_dm if method == "dm" else distill_dsa
     whole = run(_context(cfg))
     saved: list[dict] = []
     calls: list[int] = []
 
-    def stop_after_two() -> bool:
+    def stop_after_one() -> bool:
         calls.append(1)
-        return len(calls) == 2
+        return len(calls) == 1
 
     with pytest.raises(Stopped):
-        run(_context(cfg, Hooks(checkpoint=saved.append, should_stop=stop_after_two)))
-    assert saved[-1]["step"] == 2
+        run(_context(cfg, Hooks(checkpoint=saved.append, should_stop=stop_after_one)))
+    assert saved[-1]["step"] == 1
     resumed = run(_context(cfg, Hooks(resume=saved[-1])))
     assert torch.equal(resumed.images, whole.images) and resumed.meta["losses"] == whole.meta["losses"]
 

@@ -14,7 +14,7 @@ from ssdd.cli import main
 from ssdd.distill import registry
 
 SET_METHODS = ["krr_st", "random_subset", "random_ssl", "kmeans", "high_loss", "mkdt", "naive_bilevel",
-               "krr_st_experts", "mkdt_aug", "random_subset_labeled", "mtt", "kip", "frepo"]
+               "krr_st_experts", "mkdt_aug", "random_subset_labeled", "mtt", "kip", "frepo", "dm", "dsa"]
 
 
 def tiny_npz(path: Path, n: int = 48, seed: int = 0) -> str:
@@ -37,7 +37,8 @@ def tiny_args(src: str, targets: list[str], methods: list[str], seeds: int = 2) 
              "distill.naive_bilevel.steps=2", "distill.naive_bilevel.inner_steps=1",
              "distill.naive_bilevel.projector=[8, 8]", "distill.kmeans.n_init=1", "distill.kip.steps=2",
              "distill.kip.models=1", "distill.frepo.steps=2", "distill.frepo.pool_size=2",
-             "distill.frepo.pool_max_age=2", "pretrain.epochs=2",
+             "distill.frepo.pool_max_age=2", "distill.dm.iterations=2", "distill.dm.batch_real=4",
+             "distill.dsa.iterations=2", "distill.dsa.batch_real=4", "pretrain.epochs=2",
              "pretrain.batch=8", f"evaluate.seeds={seeds}", "evaluate.protocols=[\"linear\"]",
              "evaluate.linear_fractions=[0.25]", "evaluate.linear_draws=1", "evaluate.linear_c_grid=[1.0]",
              "evaluate.validation=0.0", "evaluate.probe_features=flatten", f"methods={json.dumps(methods)}"]

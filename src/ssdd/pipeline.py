@@ -153,6 +153,8 @@ class Run:
         return fingerprint(picked)
 
     def _section_fingerprint(self, stage: str) -> str:
+        if stage == "prepare":  # folders prepared before source labels were kept apart are prepared again
+            return self._fp(SECTIONS[stage], source_labels="kept")  # (same files; later stages stay fresh)
         return self._fp(SECTIONS[stage])
 
     def seeds(self) -> range:
@@ -465,7 +467,7 @@ class Run:
                     keys.append((f"{method.name}{'@' + arch if arch else ''}/seed{k}", path))
                     if not self._fresh(path, fp):
                         units.append((method, k, arch, path, fp))
-        self.in_rounds("pretrain", units, lambda unit: self._make_encoder(*unit[:4]),
+        self.in_rounds("pretrain", units, lambda unit: self._make_encoder(*unit[:3]),
                        lambda unit, made: artifacts.save_encoder(unit[3], made[0], made[1],
                                                                  {**made[2], "fingerprint": unit[4]}))
         if distributed.is_main():
@@ -485,8 +487,7 @@ class Run:
                 if i < len(units):
                     keep(units[i], made)
 
-    def _make_encoder(self, method: registry.Method, k: int, arch: str | None,
-                      path: Path) -> tuple[torch.nn.Module, dict, dict]:
+    def _make_encoder(self, method: registry.Method, k: int, arch: str | None) -> tuple[torch.nn.Module, dict, dict]:
         """(encoder on the CPU, its spec, its metadata) of one unit; the caller saves it."""
         cfg = self.cfg
         meta = {"method": method.name, "seed": cfg.seed + k}
@@ -560,7 +561,7 @@ class Run:
             rows += self._kd_rows([t for _, t in targets])
         write_results(self.out, rows)
 
-    def _evaluate_unit(self, unit: "EvalUnit") -> list[dict]:
+    def _evaluate_unit(self, unit: EvalUnit) -> list[dict]:
         """One encoder on one target, every protocol; fine-tunes checkpoint mid-run (into this rank's own
         files under torchrun: units run on different ranks at once) and resume."""
         eval_cfg = self.cfg.evaluate if unit.arch is None else dataclasses.replace(self.cfg.evaluate,
@@ -576,7 +577,7 @@ class Run:
                                     str(self.device), self.progress, finetune_hooks=hooks)
         return [{**row, "group": unit.group} for row in rows]
 
-    def _finetune_checkpointer(self, unit: "EvalUnit", fraction: float) -> Checkpointer:
+    def _finetune_checkpointer(self, unit: EvalUnit, fraction: float) -> Checkpointer:
         name = f"finetune-{unit.group}-{unit.path.stem}-{fraction:g}"
         return self.checkpointer(name, fingerprint({"unit": unit.fp, "fraction": fraction}))
 

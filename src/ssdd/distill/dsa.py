@@ -99,12 +99,12 @@ def distill_dsa(ctx: DistillContext) -> DistilledSet:
         for ol in range(outer):
             params = dsa_aug.draw(k, ops, size, gen, device=device)
             index, group = batches.sample(cfg.batch_real, gen)
-            x_real = dsa_aug.apply(ctx.to_space(source_u8[index.to(device)]), params, group.to(device))
             x_syn = dsa_aug.apply(x_s, params, syn_group)
-            bounds = torch.bincount(group, minlength=k).cumsum(0).tolist()
+            bounds = [0, *torch.bincount(group, minlength=k).cumsum(0).tolist()]
             loss = x_s.new_zeros(())
             for j, c in enumerate(start.classes.tolist()):
-                real_j = x_real[(bounds[j - 1] if j else 0):bounds[j]]
+                rows = slice(bounds[j], bounds[j + 1])  # this class's real batch, augmented by its draw
+                real_j = dsa_aug.apply(ctx.to_space(source_u8[index[rows].to(device)]), params, group[rows].to(device))
                 g_real = [g.detach() for g in class_gradients(net, weights, real_j, c, create_graph=False)]
                 g_syn = class_gradients(net, weights, x_syn[syn_rows[j]], c, create_graph=True)
                 loss = loss + gradient_distance(g_real, g_syn)
