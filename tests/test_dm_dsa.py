@@ -109,7 +109,8 @@ def test_balanced_start_spreads_m_over_the_classes():
     start = balanced_start(labels, 7, seed=0)
     per_class = torch.bincount(labels[start.index], minlength=4)
     assert per_class.sum() == 7 and per_class[2] == 1 and per_class.max() - per_class[[0, 1, 3]].min() <= 1
-    assert torch.equal(labels[start.index], start.classes[start.group]) and torch.equal(start.group, start.group.sort().values)
+    assert torch.equal(labels[start.index], start.classes[start.group])
+    assert torch.equal(start.group, start.group.sort().values)  # laid out class by class
     assert len(set(start.index.tolist())) == 7
     assert torch.equal(balanced_start(labels, 7, seed=0).index, start.index)  # seeded
     few = balanced_start(labels, 2, seed=1)  # fewer images than classes: two classes, one image each
@@ -160,7 +161,8 @@ def test_a_run_through_the_pipeline_leaves_a_checked_labelled_set(tmp_path, meth
     assert meta["objective"] == "cross_entropy" and meta["method"] == method and len(meta["losses"]) == 2
     labels = artifacts.load_tensors(out / "data" / "source_labels.safetensors")[0]["labels"]
     index = torch.tensor(meta["init_index"])
-    assert targets.shape == (6, 4) and torch.equal(targets.sum(1), torch.ones(6)) and set(targets.unique().tolist()) == {0.0, 1.0}
+    assert targets.shape == (6, 4) and torch.equal(targets.sum(1), torch.ones(6))
+    assert set(targets.unique().tolist()) == {0.0, 1.0}  # one-hot
     assert torch.equal(targets.argmax(1), labels[index])
     assert torch.equal(torch.bincount(labels[index], minlength=4).sort().values, torch.tensor([1, 1, 2, 2]))  # balanced
     source, source_meta = artifacts.load_tensors(out / "data" / "source_train.safetensors")

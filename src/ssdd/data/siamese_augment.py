@@ -133,7 +133,8 @@ def _flip(x: torch.Tensor, p: AugParams, g: torch.Tensor) -> torch.Tensor:
 _OPS = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip}
 
 
-def _warp(x: torch.Tensor, p: AugParams, g: torch.Tensor, scale_on: torch.Tensor, rotate_on: torch.Tensor) -> torch.Tensor:
+def _warp(x: torch.Tensor, p: AugParams, g: torch.Tensor, scale_on: torch.Tensor,
+          rotate_on: torch.Tensor) -> torch.Tensor:
     """Scale and/or rotate about the centre (zero fill, bilinear): one resampling by scale @ rotation."""
     s = torch.where(scale_on[:, None], p.scale[g].to(x.dtype), 1.0)
     a = torch.where(rotate_on, p.angle[g].to(x.dtype), 0.0)

@@ -23,7 +23,8 @@ def class_means(features: torch.Tensor, group: torch.Tensor, groups: int) -> tor
     return sums / counts[:, None]
 
 
-def mean_embedding_distance(real_means: torch.Tensor, syn_features: torch.Tensor, syn_group: torch.Tensor) -> torch.Tensor:
+def mean_embedding_distance(real_means: torch.Tensor, syn_features: torch.Tensor,
+                            syn_group: torch.Tensor) -> torch.Tensor:
     """DM's loss: sum over classes c of ||real_means[c] - mean of the synthetic features of class c||^2."""
     return (real_means - class_means(syn_features, syn_group, len(real_means))).pow(2).sum()
 
