@@ -311,3 +311,42 @@ def test_trajectory_matching_two_processes_match_one():
         assert_close(rank["targets"], single["targets"])
         assert_close(rank["lr"], single["lr"])
     assert torch.equal(ranks[0]["images"], ranks[1]["images"])
+
+
+# ---- a multi-rank run stops together and resumes exactly ------------------------------
+
+def krr_st_stop_then_resume() -> dict:
+    from ssdd.checkpoint import Checkpointer, Hooks
+    from ssdd.errors import Stopped
+
+    source, teacher, norm, cfg = setup()
+    cfg.krr_st.ridge = 1e-2
+    folder = Path(os.environ["SSDD_TEST_CKPT"])
+    ckpt = Checkpointer(folder, "krr", "fp", every=0, minutes=1e9)
+    asked = iter(range(100))
+    only_rank1_asks = lambda: distributed.rank() == 1 and next(asked) == 2  # noqa: E731 (after step 3)
+    stopped_at = -1
+    try:
+        distill_krr_st(context(source, teacher, norm, cfg, seed=3, hooks=Hooks(None, ckpt.save, ckpt.due, only_rank1_asks)))
+    except Stopped as err:
+        stopped_at = err.step
+    distributed.barrier()  # rank 0's checkpoint is on disk for everyone
+    result = distill_krr_st(context(source, teacher, norm, cfg, seed=3, hooks=ckpt.hooks()))
+    return {"images": result.images, "targets": result.targets, "stopped_at": torch.tensor(stopped_at)}
+
+
+def krr_st_uninterrupted() -> dict:
+    source, teacher, norm, cfg = setup()
+    cfg.krr_st.ridge = 1e-2
+    result = distill_krr_st(context(source, teacher, norm, cfg, seed=3))
+    return {"images": result.images, "targets": result.targets}
+
+
+def test_a_stop_on_one_rank_stops_all_at_one_step_and_the_resume_is_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSDD_TEST_CKPT", str(tmp_path))
+    whole = in_processes("krr_st_uninterrupted")
+    resumed = in_processes("krr_st_stop_then_resume")
+    assert [int(r["stopped_at"]) for r in resumed] == [3, 3]  # rank 0 stopped too, at the same step
+    assert len(list(tmp_path.glob("krr.ckpt-*.pt"))) == 1  # one writer
+    for a, b in zip(resumed, whole):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["targets"], b["targets"])
