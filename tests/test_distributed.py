@@ -30,6 +30,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each rank runs one thread; so does the single-process reference (the same reduction order
+    inside each op). The thread count is restored: later tests compare processes of the default count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,7 +105,6 @@ def krr_st_run() -> dict:
 
 
 def test_krr_st_two_processes_match_one_with_the_same_global_batch():
-    torch.set_num_threads(1)
     single = krr_st_run()
     ranks = in_processes("krr_st_run")
     for rank in ranks:
@@ -121,7 +130,6 @@ def barlow_run() -> dict:
 
 
 def test_barlow_twins_two_processes_match_one_with_the_same_global_batch():
-    torch.set_num_threads(1)
     single = barlow_run()
     ranks = in_processes("barlow_run")
     assert len(single["losses"]) == 2
@@ -276,7 +284,6 @@ def experts_run() -> dict:
 
 
 def test_experts_split_over_ranks_give_the_single_process_trajectories():
-    torch.set_num_threads(1)
     single = experts_run()
     ranks = in_processes("experts_run")
     assert single["trained"].tolist() == [0, 1, 2]
@@ -302,7 +309,6 @@ def mkdt_run() -> dict:
 
 
 def test_trajectory_matching_two_processes_match_one():
-    torch.set_num_threads(1)
     single = mkdt_run()
     ranks = in_processes("mkdt_run")
     assert single["world"] == 1 and ranks[0]["world"] == ranks[1]["world"] == 2

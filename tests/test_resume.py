@@ -131,7 +131,9 @@ def test_a_killed_finetune_resumes_to_the_same_result(tmp_path):
     base = tmp_path / "base"
     assert main(["run", "--out", str(base), "--until", "pretrain", *FINETUNE]) == 0
     shutil.copytree(base, tmp_path / "killed")
-    assert main(["run", "--out", str(base), *FINETUNE]) == 0
+    whole = subprocess.run([sys.executable, "-m", "ssdd", "run", "--out", str(base), *FINETUNE], capture_output=True,
+                           text=True, timeout=600)  # a process like the killed one (same thread count)
+    assert whole.returncode == 0, whole.stderr[-2000:]
     expected = json.loads((base / "results.json").read_text())
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "ssdd", "run", "--out", str(out), *FINETUNE],
