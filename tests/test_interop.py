@@ -18,21 +18,15 @@ import ssdd
 from ssdd.artifacts import load_distilled, load_encoder, read_meta, save_distilled
 from ssdd.cli import main
 
+import test_cli_errors
+from test_cli_errors import assert_one_line_error
+
 TINY = ["--no-progress", "--set", "evaluate.seeds=1", "--set", "pretrain.epochs=1", "--set", "model.widths=[8, 8]"]
 MEAN, STD = [0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]  # MKDT's CIFAR-100 statistics
 
 
 def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, [line for line in err if not line.startswith("[ssdd]")]
-
-
-def assert_one_line_error(code, lines, needle):
-    assert code == 2
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("ssdd: error:") and needle in lines[0], lines
-    assert "Traceback" not in lines[0]
+    return test_cli_errors.run_cli([str(a) for a in args], capsys)
 
 
 def krr_st_files(folder, n=12, d=8, labels=False):

@@ -154,62 +154,43 @@ def gather_keep_grad(t: torch.Tensor, total: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """Sum over the ranks; its gradient is the sum of every rank's gradient (each rank's loss used it)."""
+class _RankSum(torch.autograd.Function):
+    """A sum over the ranks in the forward pass, the backward pass, or both: which one a computation
+    needs depends on how each rank uses the result (see the three callers below)."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = t.clone()
-        dist.all_reduce(out)
-        return out
+    def forward(ctx, t: torch.Tensor, in_forward: bool, in_backward: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.in_backward = in_backward
+        return _summed(t) if in_forward else t.view_as(t)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = grad.clone()
-        dist.all_reduce(out)
-        return out
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return (_summed(grad) if ctx.in_backward else grad), None, None
+
+
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
 
 
 def all_reduce_grad(t: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over the ranks (global BatchNorm statistics)."""
-    return _SumOverRanks.apply(t) if active() else t
-
-
-class _SumShares(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = t.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad
-
-
-class _ShareInput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        out = grad.clone()
-        dist.all_reduce(out)
-        return out
+    """Differentiable sum over the ranks whose result each rank uses on its own data (global BatchNorm
+    statistics): every rank's gradient reaches every contribution."""
+    return _RankSum.apply(t, True, True) if active() else t
 
 
 def sum_shares(t: torch.Tensor) -> torch.Tensor:
     """The sum of every rank's contribution ``t`` (computed from its share), differentiable for a
     result that every rank then uses identically: the gradient reaches each share unchanged."""
-    return _SumShares.apply(t) if active() else t
+    return _RankSum.apply(t, True, False) if active() else t
 
 
 def share_input(t: torch.Tensor) -> torch.Tensor:
     """A replicated tensor as it enters a rank's share of a computation (identity); its gradient is
     summed over the ranks, so every rank gets the whole gradient. With :func:`sum_shares` this makes
     a data-parallel step inside a differentiable unrolled loop (trajectory matching)."""
-    return _ShareInput.apply(t) if active() else t
+    return _RankSum.apply(t, False, True) if active() else t
 
 
 def _collective_device() -> torch.device:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ssdd.config import DsaConfig
 from ssdd.data import siamese_augment as dsa_aug
 from ssdd.distill.experts import build_seeded, expert_seed
-from ssdd.distill.per_class import ClassBatches, balanced_start
+from ssdd.distill.per_class import ClassBatches, ImageOptimisation, balanced_start
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.errors import UserError
 
@@ -70,25 +70,12 @@ def distill_dsa(ctx: DistillContext) -> DistilledSet:
     syn_group = start.group.to(device)
     syn_labels = labels.labels[start.index].to(device)
     syn_rows = [(syn_group == j).nonzero().squeeze(1) for j in range(k)]
-    x_s = ctx.to_space(source_u8[start.index.to(device)]).detach().clone().requires_grad_(True)
-    opt = torch.optim.SGD([x_s], lr=cfg.lr_images, momentum=cfg.momentum)
-    gen = torch.Generator().manual_seed(expert_seed(ctx.seed, 0, "dsa-draws"))
+    run = ImageOptimisation.start(ctx.to_space(source_u8[start.index.to(device)]), cfg.lr_images, cfg.momentum,
+                                  expert_seed(ctx.seed, 0, "dsa-draws"), hooks.resume)
+    x_s, opt, gen, losses = run.x_s, run.opt, run.gen, run.losses
     batches = ClassBatches(labels.labels, start.classes)
     spec = {**ctx.spec, "out_dim": labels.num_classes}
     size = x_s.shape[-1]
-    losses: list[float] = []
-    if hooks.resume is not None:
-        st = hooks.resume
-        with torch.no_grad():
-            x_s.copy_(st["x_s"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        losses = list(st["losses"])
-
-    def state() -> dict:
-        return {"step": len(losses), "x_s": x_s.detach().clone(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                "losses": list(losses)}
-
     bar = tqdm(range(len(losses), cfg.iterations), desc="dsa", disable=not ctx.progress, dynamic_ncols=True,
                initial=len(losses), total=cfg.iterations)
     for it in bar:
@@ -119,7 +106,7 @@ def distill_dsa(ctx: DistillContext) -> DistilledSet:
             train_network(net, net_opt, x_s.detach(), syn_labels, inner, cfg.batch_train, ops, gen)
         losses.append(total / (k * outer))  # per class and outer step, as the published log
         bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-        hooks.after_step(it + 1, cfg.iterations, state, "dsa")
+        hooks.after_step(it + 1, cfg.iterations, run.state, "dsa")
     return DistilledSet(x_s.detach(), labels.one_hot(start.index).to(device), objective="cross_entropy",
                         meta={"init": "real_class_balanced", "init_index": start.index.tolist(),
                               "classes": start.classes.tolist(), "iterations": cfg.iterations, "outer_loop": outer,

@@ -7,7 +7,7 @@ of its class (its *group*).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,3 +79,31 @@ class ClassBatches:
             index.append(pick)
             group.append(torch.full((len(pick),), j, dtype=torch.long))
         return torch.cat(index), torch.cat(group)
+
+
+@dataclass
+class ImageOptimisation:
+    """The resumable state DM and DSA share: the synthetic images, their SGD optimiser, the generator of
+    every draw and the loss curve (``from_resume`` restores it, ``state`` is the checkpoint)."""
+
+    x_s: torch.Tensor
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    losses: list[float] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, x0: torch.Tensor, lr: float, momentum: float, seed: int,
+              resume: dict | None) -> "ImageOptimisation":
+        x_s = x0.detach().clone().requires_grad_(True)
+        run = cls(x_s, torch.optim.SGD([x_s], lr=lr, momentum=momentum), torch.Generator().manual_seed(seed))
+        if resume is not None:
+            with torch.no_grad():
+                x_s.copy_(resume["x_s"])
+            run.opt.load_state_dict(resume["opt"])
+            run.gen.set_state(resume["gen"])
+            run.losses = list(resume["losses"])
+        return run
+
+    def state(self) -> dict:
+        return {"step": len(self.losses), "x_s": self.x_s.detach().clone(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state(), "losses": list(self.losses)}
