@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ssdd import precision
+from ssdd.allocator import keep_freed_memory
 from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=KrrStConfig.chunk, help="distill.krr_st.chunk")
     args = p.parse_args(argv)
 
+    kept = keep_freed_memory()  # as every ssdd command does; SSDD_MALLOC=system for glibc's defaults
     device = torch.device(args.device)
     prec = precision.resolve(args.precision, device)
     conf = dict(CONFIGS[args.config])
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     norm = Normalizer(*ImageSet(images).mean_std(), device=device)
     teacher = make_teacher_weights(images, norm, device)
     header = {"cpu": precision.cpu_model(), "device_info": precision.describe(device), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "images": origin}
+              "torch": torch.__version__, "images": origin, "malloc": "kept" if kept else "system"}
     print(json.dumps({"benchmark": "step_speed", **header}), flush=True)
 
     def run_ssdd(label: str, conf: dict, prec: str, **kw) -> dict:

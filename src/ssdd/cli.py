@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             export_set(args.distilled, args.format, args.out)
             return 0
         from ssdd import pipeline
+        from ssdd.allocator import keep_freed_memory
         from ssdd.config import load_config, parse_overrides
+
+        keep_freed_memory()
 
         overrides = parse_overrides(args.overrides)
         if getattr(args, "teacher", None):
