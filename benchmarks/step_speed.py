@@ -14,10 +14,19 @@ torchvision; here it is ssdd's ResNet-18 in the same NCHW layout and op sequence
 without ssdd's BatchNorm folding or channels-last. Their data loader is replaced by an iterator over
 the same in-memory images (faster than theirs), their augmentation is theirs (kornia).
 
+Like every ssdd command, the benchmark keeps freed blocks up to 32 MiB in the process
+(``ssdd.allocator``), so the reference code timed in the same process gets that too: equal terms.
+``--official-malloc system`` also times it in a child process with glibc's defaults, as the
+published code runs. Neither keeps the reference's ~250 MB activations, which the kernel faults in
+afresh every step: with a setting that kept them too, its fp32 step took 19.5 s instead of 30.7 s
+on a 2-core EPYC (``benchmarks/results/README.md``).
+
 Prints one JSON line per implementation (``impl``, ``config``, ``m``, ``batch``, ``precision``,
 ``device``, ``median_step_s``, ``min_step_s``, ``peak_mem_mb``, per-phase seconds, the CPU model)
 and the speed ratio. ``--check`` compares the loss and the image gradient on identical inputs and
-weights (fp32: loss to 1e-5 relative, gradient cosine >= 0.9999; bf16: 1e-2 and 0.99).
+weights (fp32: loss to 1e-5 relative, gradient cosine >= 0.9999; bf16: 1e-2 and 0.99), with the
+random-weight teacher and, in fp32, once more with that teacher's features standardised
+(:class:`StandardisedTeacher`), and reports both against the reference code run in float64.
 Never an asserting test: it reports.
 """
 
@@ -29,6 +38,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -125,6 +135,26 @@ def make_teacher_weights(images: torch.Tensor, norm: Normalizer, device: torch.d
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
+
+
+class StandardisedTeacher(torch.nn.Module):
+    """The teacher with each feature centred on its mean over calibration images, and all features
+    divided by one scale, their overall spread there. The random-weight teacher maps all images to
+    nearly the same features, so the KRR-ST loss is tiny (~2e-5) and fp32 rounding is amplified in
+    its relative error; these targets vary across images with unit spread, as a trained teacher's do.
+    (One scale, not one per feature: some features of the random network barely vary at all.)
+    Used by ``--check`` only."""
+
+    def __init__(self, teacher: torch.nn.Module, images: torch.Tensor):
+        super().__init__()
+        self.teacher = teacher
+        with torch.no_grad():
+            f = teacher(images).double()
+        self.register_buffer("mean", f.mean(0).float())
+        self.register_buffer("scale", (f - f.mean(0)).pow(2).mean().sqrt().reciprocal().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.teacher(x) - self.mean) * self.scale
 
 
 def ssdd_stepper(images: torch.Tensor, norm: Normalizer, teacher, conf: dict, device: torch.device,
@@ -236,7 +266,7 @@ class _Normalize(torch.nn.Module):
 
 
 def check_maths(official, images: torch.Tensor, norm: Normalizer, teacher, conf: dict, device: torch.device,
-                k: KrrStConfig, prec: str) -> dict:
+                k: KrrStConfig, prec: str, targets: str = "random teacher") -> dict:
     """Loss and image gradient of both implementations on identical weights and inputs."""
     distill_mod, OfficialPool, _ = official
     args = official_args(conf, 1)
@@ -292,7 +322,7 @@ def check_maths(official, images: torch.Tensor, norm: Normalizer, teacher, conf:
     cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()  # noqa: E731
     rel = abs(loss.item() - ref_loss) / abs(ref_loss)
     bound = (1e-5, 0.9999) if prec == "fp32" else (1e-2, 0.99)
-    return {"check": prec, "official_loss": ref_loss, "ssdd_loss": loss.item(), "loss_rel_diff": rel,
+    return {"check": prec, "targets": targets, "official_loss": ref_loss, "ssdd_loss": loss.item(), "loss_rel_diff": rel,
             "grad_cosine": cos(d_x, ref_grad), "bounds": {"loss_rel": bound[0], "grad_cosine": bound[1]},
             "within_bounds": rel <= bound[0] and cos(d_x, ref_grad) >= bound[1],
             "float64_truth": {"note": "the reference code run in float64 on the same inputs and weights",
@@ -301,6 +331,21 @@ def check_maths(official, images: torch.Tensor, norm: Normalizer, teacher, conf:
                               "ssdd_loss_rel_err": abs(loss.item() - exact_loss) / abs(exact_loss),
                               "official_fp32_grad_cosine": cos(ref_grad, exact_grad),
                               "ssdd_grad_cosine": cos(d_x, exact_grad)}}
+
+
+def official_in_child(argv: list[str]) -> dict:
+    """The reference code's timing line from a child process run with glibc's malloc defaults."""
+    keep = [a for a in argv if a != "--check"]
+    for option in ("--official-malloc", "--variants", "--impl"):  # options taking values: drop them
+        if option in keep:
+            i = keep.index(option)
+            j = i + 1
+            while j < len(keep) and not keep[j].startswith("--"):
+                j += 1
+            keep = keep[:i] + keep[j:]
+    out = subprocess.run([sys.executable, __file__, *keep, "--impl", "official", "--official-malloc", "same"],
+                         env={**os.environ, "SSDD_MALLOC": "system"}, capture_output=True, text=True, check=True)
+    return next(json.loads(line) for line in out.stdout.splitlines() if '"impl": "official"' in line)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,6 +365,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--m", type=int, help="override the config's m")
     p.add_argument("--m-sweep", type=int, nargs="+", help="time ssdd only, at each of these m (memory scaling)")
     p.add_argument("--chunk", type=int, default=KrrStConfig.chunk, help="distill.krr_st.chunk")
+    p.add_argument("--official-malloc", nargs="+", choices=("same", "system"), default=["same"],
+                   help="time the reference code with this process's allocator setting (same: ssdd's kept freed "
+                        "memory, equal terms) and/or with glibc's defaults in a child process (system: as the "
+                        "published code runs)")
     args = p.parse_args(argv)
 
     kept = keep_freed_memory()  # as every ssdd command does; SSDD_MALLOC=system for glibc's defaults
@@ -379,16 +428,25 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"impl": "official", "skipped": "KRRST_OFFICIAL_DIR is not set"}), flush=True)
         else:
             official = load_official(official_dir)
-            step = official_stepper(official, images, norm, teacher, conf, device)
-            times, peak = time_steps(step, args.steps, args.warmup, device)
-            results["official"] = line = {
-                "impl": "official", "config": args.config, "m": conf["m"], "batch": conf["batch"], "precision": "fp32",
-                "device": str(device), "median_step_s": statistics.median(times), "min_step_s": min(times),
-                "peak_mem_mb": round(peak), "cpu": header["cpu"]}
-            print(json.dumps(line), flush=True)
-            for name, res in results.items():
-                if name != "official":
-                    print(json.dumps({"ratio": f"official / ssdd[{res.get('variant', name)}, {res['precision']}]",
+            lines = []
+            for setting in args.official_malloc:
+                if setting == "system" and kept:  # glibc's defaults, as the published code runs: a fresh process
+                    line = official_in_child(argv if argv is not None else sys.argv[1:])
+                else:
+                    step = official_stepper(official, images, norm, teacher, conf, device)
+                    times, peak = time_steps(step, args.steps, args.warmup, device)
+                    del step
+                    gc.collect()
+                    line = {"impl": "official", "config": args.config, "m": conf["m"], "batch": conf["batch"],
+                            "precision": "fp32", "device": str(device), "median_step_s": statistics.median(times),
+                            "min_step_s": min(times), "peak_mem_mb": round(peak), "cpu": header["cpu"],
+                            "malloc": "kept" if kept else "system"}
+                print(json.dumps(line), flush=True)
+                lines.append(line)
+            for line in lines:
+                for name, res in results.items():
+                    print(json.dumps({"ratio": f"official[malloc {line['malloc']}] / ssdd[{res.get('variant', name)}, "
+                                               f"{res['precision']}, malloc {header['malloc']}]",
                                       "median": line["median_step_s"] / res["median_step_s"],
                                       "min": line["min_step_s"] / res["min_step_s"]}), flush=True)
             if args.check:
@@ -396,6 +454,11 @@ def main(argv: list[str] | None = None) -> None:
                 for c in sorted(checks):
                     print(json.dumps(check_maths(official, images, norm, teacher, conf, device,
                                                  KrrStConfig(chunk=args.chunk), c)), flush=True)
+                calibration = norm(images[-2048:].to(device)).contiguous(memory_format=torch.channels_last)
+                standardised = StandardisedTeacher(teacher, calibration).eval()
+                print(json.dumps(check_maths(official, images, norm, standardised, conf, device,
+                                             KrrStConfig(chunk=args.chunk), "fp32", "standardised teacher")),
+                      flush=True)
 
 
 if __name__ == "__main__":
