@@ -47,7 +47,8 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        took = libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1
+        took = (libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) == 1
+                and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM) == 1)
     except (OSError, AttributeError):
         return False
     if not took:
