@@ -72,10 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.precision)))
         return
+    import torch
+
     from ssdd.precision import cpu_model
 
     print(json.dumps({"benchmark": "allocator", "cpu": cpu_model(), "cores": os.cpu_count(),
-                      "torch_threads": __import__("torch").get_num_threads()}), flush=True)
+                      "torch_threads": torch.get_num_threads()}), flush=True)
     for kind in STEPS:
         for rnd in range(args.rounds):
             for setting in ("system", "kept"):

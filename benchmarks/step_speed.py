@@ -333,18 +333,13 @@ def check_maths(official, images: torch.Tensor, norm: Normalizer, teacher, conf:
                               "ssdd_grad_cosine": cos(d_x, exact_grad)}}
 
 
-def official_in_child(argv: list[str]) -> dict:
+def official_in_child(args: argparse.Namespace) -> dict:
     """The reference code's timing line from a child process run with glibc's malloc defaults."""
-    keep = [a for a in argv if a != "--check"]
-    for option in ("--official-malloc", "--variants", "--impl"):  # options taking values: drop them
-        if option in keep:
-            i = keep.index(option)
-            j = i + 1
-            while j < len(keep) and not keep[j].startswith("--"):
-                j += 1
-            keep = keep[:i] + keep[j:]
-    out = subprocess.run([sys.executable, __file__, *keep, "--impl", "official", "--official-malloc", "same"],
-                         env={**os.environ, "SSDD_MALLOC": "system"}, capture_output=True, text=True, check=True)
+    child = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+             "--chunk", str(args.chunk), "--impl", "official", "--official-malloc", "same"]
+    child += ["--m", str(args.m)] if args.m else []
+    out = subprocess.run([sys.executable, __file__, *child], env={**os.environ, "SSDD_MALLOC": "system"},
+                         capture_output=True, text=True, check=True)
     return next(json.loads(line) for line in out.stdout.splitlines() if '"impl": "official"' in line)
 
 
@@ -431,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
             lines = []
             for setting in args.official_malloc:
                 if setting == "system" and kept:  # glibc's defaults, as the published code runs: a fresh process
-                    line = official_in_child(argv if argv is not None else sys.argv[1:])
+                    line = official_in_child(args)
                 else:
                     step = official_stepper(official, images, norm, teacher, conf, device)
                     times, peak = time_steps(step, args.steps, args.warmup, device)
