@@ -6,7 +6,20 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The suite is the CPU suite, also on a GPU machine: every `ssdd` command it runs (in this process or a
+# child) defaults to --device cpu. Tests that need a GPU are marked `cuda` and pass --device cuda.
+os.environ["SSDD_DEVICE"] = "cpu"
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

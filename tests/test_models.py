@@ -80,7 +80,7 @@ def test_compiled_pool_step_matches_eager():
         pool = ModelPool(spec, size=2, max_age=10, seed=0, forward=forward)
         pool.add(pool._fresh()[0])
         pool.add(pool._fresh()[0])
-        losses = [pool.train_step(i % 2, x, y) for i in range(4)]
+        losses = [pool.train_step(i % 2, x, y).item() for i in range(4)]
         pools.append((pool, losses))
     (eager, le), (comp, lc) = pools
     assert not pools[1][0].forward.failed

@@ -99,7 +99,7 @@ def test_chunked_pool_step_equals_the_full_step_without_batchnorm():
         torch.manual_seed(0)
         pool = ModelPool(spec, size=1, max_age=10, seed=0, chunk=chunk)
         pool.add(pool._fresh()[0])
-        losses = [pool.train_step(0, x, y) for _ in range(2)]
+        losses = [pool.train_step(0, x, y).item() for _ in range(2)]
         pools.append((pool, losses))
     (a, la), (b, lb) = pools
     assert la == pytest.approx(lb, rel=1e-5)

@@ -219,9 +219,11 @@ def _checkpoint_records(folder: Path, name: str) -> list[tuple[int, Path]]:
     return sorted(records, reverse=True)
 
 
-def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any], fingerprint: str, keep: int = 2) -> Path:
+def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any], fingerprint: str, keep: int = 2,
+                    device: str | None = None) -> Path:
     """Write a checkpoint so that a kill at any instant leaves at most ``keep`` of them and at least
-    the previous intact one: prune first, then the record (its SHA-256), then the data it describes."""
+    the previous intact one: prune first, then the record (its SHA-256), then the data it describes.
+    ``device`` (cpu, cuda) is recorded: device generators keep a different state on each kind."""
     folder = Path(folder)
     step = int(state["step"])
     path = folder / f"{name}.ckpt-{step:09d}.pt"
@@ -236,13 +238,16 @@ def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any],
         if old.stem not in kept:  # older ones, and a file whose partner a kill never let us write
             old.unlink(missing_ok=True)
     write_json(path.with_suffix(".json"), {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "step": step,
-                                           "fingerprint": fingerprint, "ssdd_version": ssdd.__version__})
+                                           "fingerprint": fingerprint, "ssdd_version": ssdd.__version__,
+                                           **({"device": device} if device else {})})
     write_bytes(path, data)
     return path
 
 
-def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str) -> dict[str, Any] | None:
-    """The newest intact checkpoint of this config, or None; a checkpoint of another config is an error."""
+def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str,
+                    device: str | None = None) -> dict[str, Any] | None:
+    """The newest intact checkpoint of this config, or None; a checkpoint of another config, or one written
+    on another kind of device (``device``: cpu, cuda), is an error."""
     for step, meta_path in _checkpoint_records(Path(folder), name):
         try:
             meta = json.loads(meta_path.read_text())
@@ -252,6 +257,10 @@ def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str) -> d
         if meta.get("fingerprint") != fingerprint:
             raise UserError(f"{meta_path}: a {name} checkpoint of a different config is in this --out folder; "
                             "use another --out, or delete its *.ckpt-* files to start over")
+        if device and meta.get("device", device) != device:
+            raise UserError(f"{meta_path}: this {name} checkpoint was written on {meta['device']} and cannot resume "
+                            f"on {device} (their random generators differ); run with --device {meta['device']}, "
+                            "or delete its *.ckpt-* files to start over")
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             continue  # damaged: fall back to the previous one
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -259,15 +268,22 @@ def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str) -> d
 
 
 def rng_state() -> dict[str, Any]:
-    """The global torch RNG streams a training loop draws from (CPU, and every CUDA device)."""
-    return {"torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """The global torch RNG streams a training loop draws from: the CPU's, and the current CUDA device's
+    (kornia's augmentations draw there once moved to the GPU). Only this process's own device: a resume
+    with fewer visible GPUs, or on another torchrun rank, restores it into that rank's own device."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    saved = state.get("cuda_rng")
+    if saved is None or not torch.cuda.is_available():
+        return
+    if isinstance(saved, (list, tuple)):  # checkpoints before 2026-12: every visible device's state
+        current = torch.cuda.current_device()
+        saved = saved[current] if current < len(saved) else saved[0]
+    torch.cuda.set_rng_state(saved)
 
 
 def has_checkpoint(folder: str | os.PathLike, name: str) -> bool:

@@ -42,12 +42,15 @@ class Hooks:
 class Checkpointer:
     """Periodic checkpoints of one loop in its output folder (every N steps and every M minutes)."""
 
-    def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float):
+    def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float, device: str | None = None):
+        """``device``: the kind (cpu, cuda) the loop runs on, recorded so that a resume on another kind is
+        refused with one line (device generators keep a different state on each)."""
         self.out, self.stage, self.fingerprint, self.every, self.minutes = out, stage, fingerprint, every, minutes
+        self.device = device
         self.last = time.monotonic()
 
     def load(self) -> dict | None:
-        state = artifacts.load_checkpoint(self.out, self.stage, self.fingerprint)
+        state = artifacts.load_checkpoint(self.out, self.stage, self.fingerprint, self.device)
         if state is not None:
             log.info("%-8s resuming from the checkpoint at step %d", self.stage, state["step"])
         return state
@@ -59,7 +62,7 @@ class Checkpointer:
         return False
 
     def save(self, state: dict) -> None:
-        artifacts.save_checkpoint(self.out, self.stage, state, self.fingerprint)
+        artifacts.save_checkpoint(self.out, self.stage, state, self.fingerprint, device=self.device)
 
     def clear(self) -> None:
         artifacts.clear_checkpoints(self.out, self.stage)

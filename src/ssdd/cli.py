@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -31,12 +32,15 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--preset", default="demo", help="preset name in configs/ or a .toml file (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.krr_st.steps=100 (repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default=os.environ.get("SSDD_DEVICE", "auto"),
+                   help="auto (a GPU when there is one), cpu, cuda, cuda:1, ... (default: $SSDD_DEVICE, else auto)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="network passes in bf16 autocast or fp32 (default: the preset's `precision`, auto = bf16 "
                         "only where the hardware has it natively: CUDA with bf16, CPUs with AMX / AVX-512-bf16; "
                         "losses and ridge solves always fp32/fp64). The choice is logged and part of every "
                         "artifact's fingerprint")
+    p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic kernels (slower), so a rerun "
+                   "or a resumed run is bit-identical; CPU runs always are (config: deterministic = true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["teacher.path"] = args.teacher
         if getattr(args, "precision", None):
             overrides["precision"] = args.precision
+        if getattr(args, "deterministic", False):
+            overrides["deterministic"] = "true"
         if args.command == "evaluate":
             for option, key in (("protocols", "evaluate.protocols"), ("seeds", "evaluate.seeds"),
                                 ("label_fractions", "evaluate.linear_fractions")):

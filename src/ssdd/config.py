@@ -288,6 +288,9 @@ class Config:
     checkpoint_every: int = 1000  # steps between checkpoints of long stages (0 = by time and on stop only)
     checkpoint_minutes: float = 10.0  # ... and at least this often; neither changes results
     precision: str = "auto"  # "auto": bf16 autocast where the hardware has native bf16, else fp32; "fp32"; "bf16"
+    # CUDA: deterministic kernels (slower), so a rerun or a resumed run equals an uninterrupted one bit for bit;
+    # CPU kernels always are. Changes rounding only, so it is not part of any fingerprint.
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # pool models and students
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

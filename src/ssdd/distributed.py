@@ -8,6 +8,7 @@ Rank 0 alone writes artifacts, logs and progress bars (see :func:`ssdd.artifacts
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -15,6 +16,8 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from ssdd.errors import UserError
 
 T = TypeVar("T")
 
@@ -46,25 +49,54 @@ def launched() -> bool:
 
 def setup(device: str = "auto") -> str:
     """Join the process group when launched with several processes; returns this rank's device
-    string (``cuda:LOCAL_RANK`` for ``auto``/``cuda`` on a GPU machine). Idempotent."""
+    string: ``cuda:LOCAL_RANK`` for ``auto``, ``cuda`` and ``cuda:N`` on a GPU machine (one GPU per
+    rank; NCCL refuses two ranks on one GPU). Idempotent."""
     if not launched():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     gpu = device != "cpu" and torch.cuda.is_available()
-    if gpu and device in ("auto", "cuda"):
+    if gpu and (device in ("auto", "cuda") or device.startswith("cuda:")):
+        if local >= torch.cuda.device_count():
+            raise UserError(f"torchrun: LOCAL_RANK {local} has no GPU of its own ({torch.cuda.device_count()} "
+                            f"visible); start at most {torch.cuda.device_count()} processes per node, or add --device cpu")
         device = f"cuda:{local}"
     if not dist.is_initialized():
         if gpu:
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=TIMEOUT)
+            dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo", timeout=TIMEOUT)
+        atexit.register(_teardown)
     if not is_main():  # one voice: the other ranks only warn
         logging.getLogger("ssdd").setLevel(logging.WARNING)
     return device if device != "auto" else "cpu"
 
 
+def _teardown() -> None:
+    """Leave the group at exit (NCCL warns, and can hang, when a process exits inside it)."""
+    global _control
+    if dist.is_initialized():
+        _control = None
+        dist.destroy_process_group()
+
+
+_control: Any = None
+
+
+def _control_group() -> Any:
+    """The group for control messages (stop flags, decisions, small objects): gloo on the CPU, so
+    they never pickle into GPU memory or wait on a CUDA stream. The default group under gloo."""
+    global _control
+    if dist.get_backend() != "nccl":
+        return None
+    if _control is None:
+        _control = dist.new_group(backend="gloo", timeout=TIMEOUT)
+    return _control
+
+
 def barrier() -> None:
     if active():
-        dist.barrier()
+        dist.barrier(group=_control_group())
 
 
 def share(n: int, of_rank: int | None = None, ranks: int | None = None) -> slice:
@@ -105,8 +137,8 @@ def any_true(flag: bool) -> bool:
     """True on every rank when it is true on any (a stop request must stop all ranks at one step)."""
     if not active():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, group=_control_group())
     return bool(t.item() > 0)
 
 
@@ -115,7 +147,7 @@ def broadcast(obj: T) -> T:
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_control_group())
     return box[0]
 
 
@@ -124,7 +156,7 @@ def all_gather(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_control_group())
     return out
 
 
@@ -133,7 +165,7 @@ def gather(obj: Any) -> list[Any] | None:
     if not active():
         return [obj]
     out: list[Any] | None = [None] * world() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=_control_group())
     return out
 
 
@@ -191,7 +223,3 @@ def share_input(t: torch.Tensor) -> torch.Tensor:
     summed over the ranks, so every rank gets the whole gradient. With :func:`sum_shares` this makes
     a data-parallel step inside a differentiable unrolled loop (trajectory matching)."""
     return _RankSum.apply(t, False, True) if active() else t
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

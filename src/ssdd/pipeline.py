@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ssdd import artifacts, distributed, folder_lock, precision, report
+from ssdd import artifacts, determinism, distributed, folder_lock, precision, report
 from ssdd.checkpoint import Checkpointer
 from ssdd.config import Config, EvaluateConfig, fingerprint, to_dict
 from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
@@ -72,14 +72,28 @@ INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``--device``: auto (the GPU when there is one), cpu, cuda or cuda:N, checked against what is here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: not supported (expected auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def single_process(command: str) -> None:
+    """Standalone commands run in one process: under torchrun every rank would write the same files."""
+    if distributed.launched():
+        raise UserError(f"{command} runs in one process; start it without torchrun (ssdd run and ssdd compare "
+                        "use several)")
 
 
 def _suffix(k: int) -> str:
@@ -124,6 +138,7 @@ class Run:
     def __init__(self, cfg: Config, out: str | Path, device: str = "auto", progress: bool = True):
         device = distributed.setup(device)  # under torchrun: join the group, this rank's GPU
         self.cfg, self.out, self.device = cfg, Path(out), resolve_device(device)
+        determinism.configure(cfg.deterministic, self.device)
         self.progress = progress and distributed.is_main()
         self.precision = precision.resolve(cfg.precision, self.device)
         if self.out.exists() and not self.out.is_dir():
@@ -207,7 +222,7 @@ class Run:
 
     def checkpointer(self, name: str, fp: str | None = None) -> Checkpointer:
         return Checkpointer(self.out, name, fp or self._section_fingerprint(name), self.cfg.checkpoint_every,
-                            self.cfg.checkpoint_minutes)
+                            self.cfg.checkpoint_minutes, self.device.type)
 
     def _resumable(self, name: str, fp: str, loop: Callable[[Hooks], Any]) -> Any:
         """Run a step loop with checkpoint hooks (resume, periodic saves, stop on a signal); clear
@@ -693,7 +708,9 @@ def pretrain_set(cfg: Config, distilled: str | Path, seed: int, device: torch.de
 def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: str = "auto",
                   progress: bool = True) -> Path:
     """``ssdd pretrain --distilled FILE``: encoders for each seed from one distilled set."""
+    single_process("ssdd pretrain --distilled")
     out, dev, logs = Path(out), resolve_device(device), {}
+    determinism.configure(cfg.deterministic, dev)
     method = str(artifacts.read_meta(distilled).get("method", Path(distilled).stem))
     for k in range(cfg.evaluate.seeds):
         with precision.use(precision.resolve(cfg.precision, dev)):
@@ -709,7 +726,9 @@ def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: s
 def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: str | Path, device: str = "auto",
                    progress: bool = True) -> Path:
     """``ssdd evaluate --encoder E... --targets T...``: the transfer suite on artifacts, then the report."""
+    single_process("ssdd evaluate --encoder")
     out, dev = Path(out), str(resolve_device(device))
+    determinism.configure(cfg.deterministic, dev)
     names = unique_target_names(targets)
     loaded = [(t, *load_target(t, cfg.data.size, cfg.evaluate.test_split, cfg.data.target_max_per_class or None))
               for t in targets]

@@ -6,16 +6,28 @@ import torch
 import torch.nn.functional as F
 
 
+def check_generator(generator: torch.Generator | None, device: torch.device | str) -> None:
+    """Refuse a draw on ``device`` from a generator that lives elsewhere: torch raises for that only on
+    CUDA, deep inside a run, so every sampling helper checks it here, on CPU too."""
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(f"a random draw on {torch.device(device)} from a generator on {generator.device}: "
+                         "draw on the generator's device and move the result")
+
+
 def crop_flip_params(n: int, pad: int, flip: bool, generator: torch.Generator | None = None,
                      device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The random draws of :func:`crop_flip` for ``n`` images: crop offsets ``dy``, ``dx`` in
-    [0, 2 pad] (None without padding) and the flip mask (None without flips)."""
+    [0, 2 pad] (None without padding) and the flip mask (None without flips), on ``device``.
+    They are drawn where ``generator`` lives (a CPU generator for CUDA images is fine: the held-out
+    check's fixed batches use one) and moved to ``device``."""
+    where = generator.device if generator is not None else torch.device(device)
+    check_generator(generator, where)
     dy = dx = mask = None
     if pad > 0:
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+        dy = torch.randint(0, 2 * pad + 1, (n,), device=where, generator=generator).to(device, non_blocking=True)
+        dx = torch.randint(0, 2 * pad + 1, (n,), device=where, generator=generator).to(device, non_blocking=True)
     if flip:
-        mask = torch.rand(n, device=device, generator=generator) < 0.5
+        mask = (torch.rand(n, device=where, generator=generator) < 0.5).to(device, non_blocking=True)
     return dy, dx, mask
 
 

@@ -26,7 +26,10 @@ class Normalizer:
 
 
 class BatchSampler:
-    """Random batches (without replacement within an epoch) from device-resident images."""
+    """Random batches (without replacement within an epoch) from device-resident images.
+
+    The order is drawn on the CPU (the same batches on every device) and copied to the device once
+    per epoch, so a batch is a slice there: no host-to-device copy, and no wait, per step."""
 
     def __init__(self, data: ImageSet, batch: int, device: torch.device | str, seed: int):
         self.images = data.images.to(device)
@@ -34,22 +37,28 @@ class BatchSampler:
         self.batch = min(batch, len(data))
         self.generator = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
+        self._on_device = self._order
         self._pos = 0
 
     def next_index(self) -> torch.Tensor:
         if self._pos + self.batch > len(self._order):
-            self._order = torch.randperm(len(self.images), generator=self.generator)
+            self._set_order(torch.randperm(len(self.images), generator=self.generator))
             self._pos = 0
-        idx = self._order[self._pos:self._pos + self.batch]
+        idx = self._on_device[self._pos:self._pos + self.batch]
         self._pos += self.batch
-        return idx.to(self.images.device)
+        return idx
+
+    def _set_order(self, order: torch.Tensor) -> None:
+        self._order = order
+        self._on_device = order.to(self.images.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self._order, self._pos = state["order"].clone(), int(state["pos"])
+        self._set_order(state["order"].clone())
+        self._pos = int(state["pos"])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = self.next_index()

@@ -19,12 +19,19 @@ def with_bias(features: torch.Tensor) -> torch.Tensor:
 class SPDSolve(torch.autograd.Function):
     """``A^-1 B`` for a symmetric positive definite ``A``: a Cholesky factorisation, reused in the backward
     pass (``dB = A^-1 dX``, ``dA = -dB X^T``); an LU factorisation when Cholesky fails (numerically
-    indefinite ``A``, e.g. a tiny ridge on duplicated features)."""
+    indefinite ``A``, e.g. a tiny ridge on duplicated features). On a GPU the branch would make the host
+    wait for the factorisation every step, so there a failed Cholesky yields NaN instead (fp64 at the
+    default ridge never fails: ``K + lambda I`` has eigenvalues of at least lambda)."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         factor, info = torch.linalg.cholesky_ex(a)
-        if int(info) == 0:
+        if a.device.type != "cpu":  # never wait for the GPU to read ``info``: a failed factorisation gives a
+            x = torch.cholesky_solve(b, factor)  # non-finite result, which the loop's loss check reports
+            x = torch.where(info == 0, x, torch.full_like(x, float("nan")))
+            ctx.kind = "cholesky"
+            ctx.save_for_backward(factor, x)
+        elif int(info) == 0:
             x = torch.cholesky_solve(b, factor)
             ctx.kind = "cholesky"
             ctx.save_for_backward(factor, x)

@@ -19,6 +19,7 @@ from ssdd.distill.pool import ModelPool
 from ssdd.distill.registry import DistillContext, DistilledSet, random_index, register
 from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.errors import UserError
+from ssdd.loss_log import LossLog
 from ssdd.models import Encoder
 from ssdd.models.inference import CompiledCall, fold_batchnorm, inference_copy
 from ssdd.phases import NO_TIMER, NoTimer, PhaseTimer
@@ -139,7 +140,8 @@ class OuterStep:
                 t_real = self.teacher(x_real).float()
         return x_real, t_real
 
-    def __call__(self, step: int, timer: PhaseTimer | NoTimer = NO_TIMER) -> float:
+    def __call__(self, step: int, timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
+        """One step; returns its loss as a 0-d tensor on the device (read it in batches: :class:`LossLog`)."""
         k, device = self.cfg.krr_st, self.device
         x_real, t_real = self.real_batch(timer)
         idx = self.pool.pick()
@@ -158,11 +160,6 @@ class OuterStep:
                 weight = len(x_real) / self.sampler.batch
                 loss, d_x, d_y = loss * weight, d_x * weight, d_y * weight
                 distributed.all_reduce_sum_([loss, d_x, d_y])
-        if not torch.isfinite(loss):
-            raise UserError(f"distill: non-finite KRR-ST loss at step {step} (teacher targets: max |t| = "
-                            f"{t_real.abs().max().item():.3g}; synthetic images finite: "
-                            f"{bool(torch.isfinite(self.x_s).all())}); lower distill.krr_st.lr_images / "
-                            "distill.krr_st.pool_lr or check the teacher (last checkpoint kept)")
         with timer("outer_update"):
             self.x_s.grad, self.y_s.grad = d_x, d_y
             self.opt.step()
@@ -170,7 +167,14 @@ class OuterStep:
             self.sched.step()
         with timer("pool_update"):
             self.pool.train_step(idx, self.x_s, self.y_s)
-        return loss.item()
+        return loss
+
+    def nonfinite(self, step: int, value: float) -> None:
+        """Stop a run whose loss went non-finite (called when the losses are read, before a checkpoint)."""
+        raise UserError(f"distill: non-finite KRR-ST loss ({value}) at step {step} (synthetic images finite: "
+                        f"{bool(torch.isfinite(self.x_s).all())}); lower distill.krr_st.lr_images / "
+                        "distill.krr_st.pool_lr, raise distill.krr_st.ridge, or check the teacher "
+                        "(last checkpoint kept)")
 
 
 def _forward(model: Encoder, x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +262,6 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
                              forward=CompiledCall(_forward) if use_compile(k) else None)
     sampler = BatchSampler(ctx.source, cfg.batch, device, ctx.seed + 1)
     aug_gen = torch.Generator(device=device).manual_seed(ctx.seed + 2)
-    losses: list[float] = []
     resume = hooks.resume
     if resume is None:
         pool.populate(x_s, y_s)
@@ -272,9 +275,9 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
         sampler.load_state_dict(resume["sampler"])
         aug_gen.set_state(resume["aug_gen"])
         restore_rng(resume)
-        losses = list(resume["losses"])
 
     def state() -> dict:
+        losses = log.read()  # checked finite before anything is saved
         return {"step": len(losses), "x_s": x_s.detach().clone(), "y_s": y_s.detach().clone(),
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "pool": pool.state_dict(),
                 "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), **rng_state(),
@@ -283,10 +286,11 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
     cache = CachedTeacher(ctx.prep["teacher_views"], cfg.crop_pad, device) if "teacher_views" in ctx.prep else None
     outer_step = OuterStep(x_s, y_s, opt, sched, pool, sampler, aug_gen,
                            make_teacher(teacher, k) if targets_of is None else teacher, norm, cfg, cache, targets_of)
-    bar = tqdm(range(len(losses), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
-               dynamic_ncols=True, initial=len(losses), total=k.steps)
+    log = LossLog(resume["losses"] if resume else [], device, on_nonfinite=outer_step.nonfinite)
+    bar = tqdm(range(len(log), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
+               dynamic_ncols=True, initial=len(log), total=k.steps)
     for step in bar:
-        losses.append(outer_step(step))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        if log.append(outer_step(step)):
+            bar.set_postfix(loss=f"{log.last:.4f}", refresh=False)
         hooks.after_step(step + 1, k.steps, state, "distill")
-    return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, losses, pool.reinits)
+    return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, log.read(), pool.reinits)

@@ -79,20 +79,20 @@ class ModelPool:
     def pick(self) -> int:
         return self.rng.randrange(self.size)
 
-    def _sgd_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float:
+    def _sgd_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
         model, opt = self.models[idx], self.optimizers[idx]
         model.train()
         x_s, y_s = x_s.detach(), y_s.detach()
         chunk = self.chunk if 0 < self.chunk < len(x_s) else len(x_s)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=x_s.device)  # on the device: no wait for the GPU per chunk
         for i in range(0, len(x_s), chunk):
             with autocast(self.device):
                 out = self.forward(model, x_s[i:i + chunk])
             with full_precision(self.device):  # the mean over the whole set, accumulated chunk by chunk
                 loss = F.mse_loss(out.float(), y_s[i:i + chunk].float(), reduction="sum") / y_s.numel()
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
         opt.step()
         self.ages[idx] += 1
         self.trained[idx] += 1
@@ -103,10 +103,10 @@ class ModelPool:
         self.trained[idx] = 0
         self.reinits += 1
 
-    def train_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float | None:
+    def train_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor | None:
         """The pool update after model ``idx`` served the outer loss: one SGD step of it on
         MSE(model(x_s), y_s), or its re-initialisation (see the module docstring). Returns the
-        step's loss, or None when the model was re-initialised instead of trained."""
+        step's loss (a 0-d tensor on the device), or None when the model was re-initialised instead."""
         if self.reset == "reference" and self.ages[idx] >= self.max_age:
             self._reinit(idx)
             return None

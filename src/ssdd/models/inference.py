@@ -37,20 +37,39 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 class CompiledCall:
     """``fn(model, x)`` compiled once for every model of one architecture (dynamo treats the weights as
-    inputs, so the pool's re-initialised models reuse the compiled graph), with an eager fallback."""
+    inputs, so the pool's re-initialised models reuse the compiled graph), with an eager fallback.
+
+    Inductor compiles a graph's backward lazily, at the first ``backward()``, outside this call: so the
+    first call that needs gradients also runs one throw-away backward here (buffers such as BatchNorm's
+    running statistics restored afterwards), and a compiler failure there falls back to eager too."""
 
     def __init__(self, fn):
-        self.fn, self.compiled, self.failed = fn, torch.compile(fn), False
+        self.fn, self.compiled, self.failed, self.warm = fn, torch.compile(fn), False, False
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self.failed:
             try:
+                if not self.warm and torch.is_grad_enabled():
+                    self._warm_up(model, x)
                 return self.compiled(model, x)
             except Exception as err:
                 self.failed = True
                 log.warning("torch.compile failed (%s); running eagerly",
                             str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__)
         return self.fn(model, x)
+
+    def _warm_up(self, model: nn.Module, x: torch.Tensor) -> None:
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        try:
+            out = self.compiled(model, x)
+            wrt = [p for p in model.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
+            if out.requires_grad and wrt:
+                torch.autograd.grad(out.float().sum(), wrt, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+        self.warm = True
 
 
 class CompiledOrEager(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ssdd.errors import UserError
+from ssdd.models.pooling import GlobalAvgPool
 from ssdd.models.registry import Encoder, register
 
 # (output channels, blocks, stride of the first block) per stage; the first stage never expands.
@@ -66,5 +67,5 @@ def mobilenet(in_channels: int, image_size: int, out_dim: int, width_mult: float
             layers.append(InvertedResidual(channels, cout, 1 if stage == 0 else expansion, stride if i == 0 else 1))
             channels = cout
     top = _round8(TOP_WIDTH * max(1.0, width_mult))
-    layers += [*_conv_bn(channels, top, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [*_conv_bn(channels, top, 1), nn.ReLU(inplace=True), GlobalAvgPool(), nn.Flatten()]
     return Encoder(nn.Sequential(*layers), top, out_dim)

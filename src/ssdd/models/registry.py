@@ -14,6 +14,7 @@ from torch import nn
 
 from ssdd.artifacts import load_encoder
 from ssdd.errors import UserError
+from ssdd.models.pooling import GlobalAvgPool
 
 _REGISTRY: dict[str, Callable[..., "Encoder"]] = {}
 
@@ -41,7 +42,7 @@ def pooled_encoder(layers: list[nn.Module], channels: int, side: int, pool: str,
     """Finish a conv stack: ``"gap"`` averages the last map (features = channels), ``"flatten"``
     keeps it (features = channels * side * side, as the dataset-distillation ConvNet)."""
     if pool == "gap":
-        return Encoder(nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), channels, out_dim)
+        return Encoder(nn.Sequential(*layers, GlobalAvgPool(), nn.Flatten()), channels, out_dim)
     if pool == "flatten":
         return Encoder(nn.Sequential(*layers, nn.Flatten()), channels * side * side, out_dim)
     raise UserError(f"model: {arch} pool must be 'gap' or 'flatten', got '{pool}'")

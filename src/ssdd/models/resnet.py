@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssdd.models.pooling import GlobalAvgPool
 from ssdd.models.registry import Encoder, register
 
 
@@ -33,7 +34,7 @@ def _resnet(blocks: list[int], in_channels: int, out_dim: int, stem_padding: int
         for i in range(count):
             layers.append(BasicBlock(cin, width, 2 if (i == 0 and stage > 0) else 1))
             cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [GlobalAvgPool(), nn.Flatten()]
     return Encoder(nn.Sequential(*layers), 512, out_dim)
 
 
