@@ -195,11 +195,11 @@ def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> tuple[
     with PeakMemory(device) as mem:
         for _ in range(steps):
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             step_fn()
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
     return times, mem.peak_mb
 

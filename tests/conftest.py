@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The suite is the CPU suite, also on a GPU machine: every `ssdd` command it runs (in this process or a
 # child) defaults to --device cpu. Tests that need a GPU are marked `cuda` and pass --device cuda.
 os.environ["SSDD_DEVICE"] = "cpu"
+# precision "auto" without calibration timing, and one choice on every machine; no cache in the home folder
+os.environ["SSDD_AUTO_PRECISION"] = "fp32"
+os.environ.setdefault("SSDD_CACHE_DIR", tempfile.mkdtemp(prefix="ssdd-test-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -140,7 +140,7 @@ class Run:
         self.cfg, self.out, self.device = cfg, Path(out), resolve_device(device)
         determinism.configure(cfg.deterministic, self.device)
         self.progress = progress and distributed.is_main()
-        self.precision = precision.resolve(cfg.precision, self.device)
+        self.precision = precision.resolve(cfg.precision, self.device, cfg)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
         self.data_dir = self.out / "data"
@@ -713,7 +713,7 @@ def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: s
     determinism.configure(cfg.deterministic, dev)
     method = str(artifacts.read_meta(distilled).get("method", Path(distilled).stem))
     for k in range(cfg.evaluate.seeds):
-        with precision.use(precision.resolve(cfg.precision, dev)):
+        with precision.use(precision.resolve(cfg.precision, dev, cfg)):
             encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
         artifacts.save_encoder(encoder_path(out, method, k), encoder, spec,
                                {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name,
@@ -745,7 +745,7 @@ def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: st
                 method = str(meta.get("method", Path(path).stem))
             methods.append(method)
             for target in suite:
-                with precision.use(precision.resolve(cfg.precision, dev)):
+                with precision.use(precision.resolve(cfg.precision, dev, cfg)):
                     rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
     write_results(out, rows)
     return report.write_report(out, methods=list(dict.fromkeys(methods)))
