@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             compile_start = time.perf_counter()
             stepper(next(counter))  # the first call compiles when asked to
             first = time.perf_counter() - compile_start
-            timer_steps = lambda: stepper(next(counter), timer)  # noqa: E731
+            timer_steps = lambda step=stepper: step(next(counter), timer)  # noqa: E731
             times, peak = time_steps(timer_steps, args.steps, max(0, args.warmup - 1), device)
         line = {"impl": "ssdd", "variant": label, "config": args.config, "m": conf["m"], "batch": conf["batch"],
                 "precision": prec, "device": str(device), "median_step_s": statistics.median(times),
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                 "phases_s": {name: round(t / args.steps, 3) for name, t in timer.totals.items()},
                 "chunk": args.chunk, "cpu": header["cpu"]}
         print(json.dumps(line), flush=True)
-        del stepper
+        del stepper, timer_steps
         gc.collect()
         return line
 

@@ -15,7 +15,7 @@ from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data.augment import check_generator, crop_flip
 from ssdd.errors import UserError
-from ssdd.loss_log import LossLog
+from ssdd.loss_log import StepLog
 from ssdd.models.inference import CompiledCall
 from ssdd.models.pooling import GlobalAvgPool
 
@@ -134,16 +134,24 @@ def test_standalone_commands_refuse_torchrun(monkeypatch, tmp_path):
         pipeline.pretrain_file(None, tmp_path / "x.safetensors", tmp_path)
 
 
-def test_loss_log_reads_the_same_floats_in_batches():
+def test_step_log_reads_the_same_floats_in_batches():
     values = [torch.tensor(v, dtype=torch.float32) for v in (0.3, 0.1, 1 / 3, 2.5)]
-    log = LossLog(device="cuda", every=3)  # the GPU's batching, on CPU tensors
-    assert [log.append(v) for v in values] == [False, False, True, False]
-    assert len(log) == 4 and len(log.values) == 3
-    assert log.read() == [v.item() for v in values]
     seen = []
-    log = LossLog([1.0], device="cpu", on_nonfinite=lambda step, value: seen.append((step, value)))
-    log.append(torch.tensor(float("nan")))
-    assert seen and seen[0][0] == 2 and math.isnan(seen[0][1])
+
+    def finish(step, floats, info):
+        seen.append(step)
+        if not math.isfinite(floats[0]):
+            raise UserError(f"non-finite at {step}")
+        return floats[0]
+
+    log = StepLog([], finish, "cuda", every=3)  # the GPU's batching, on CPU tensors
+    assert [log.add(i + 1, [v]) for i, v in enumerate(values)] == [False, False, True, False]
+    assert len(log) == 4 and len(log.values) == 3
+    assert log.read() == [v.item() for v in values] and seen == [1, 2, 3, 4]
+    assert StepLog([], finish, "cpu").every == 1  # a CPU read costs nothing: every step
+    log = StepLog([1.0], finish, "cpu")
+    with pytest.raises(UserError, match="non-finite at 2"):
+        log.add(2, [torch.tensor(float("nan"))])
 
 
 def test_compiled_call_falls_back_when_the_backward_fails_to_compile():

@@ -5,6 +5,7 @@ the pipeline leaving a checked artifact."""
 import pytest
 import torch
 
+from ssdd import loss_log
 from ssdd import artifacts
 from ssdd.cli import main
 from ssdd.config import DistillConfig, DsaConfig
@@ -119,8 +120,42 @@ def test_balanced_start_spreads_m_over_the_classes():
         balanced_start(labels, 14, seed=0)
 
 
+def test_a_draw_moves_in_one_exact_pack_and_apply_decides_on_the_host():
+    gen = torch.Generator().manual_seed(4)
+    ops = aug.parse_strategy(aug.PUBLISHED, "x")
+    params = aug.draw(5, ops, 16, gen, single=False)
+    fields = {k: v for k, v in vars(params).items() if isinstance(v, torch.Tensor) and not k.startswith("host")}
+    unpacked = aug._unpack(aug._pack(fields), torch.float32)
+    assert set(unpacked) == set(fields)
+    for name, value in fields.items():  # float32 draws, small integers and booleans survive float64 exactly
+        assert unpacked[name].dtype == value.dtype and torch.equal(unpacked[name], value), name
+    assert torch.equal(params.host_active, params.active) and torch.equal(params.host_flip, params.flip)
+    x = torch.randn(10, 3, 16, 16)
+    group = torch.tensor([4, 0, 1, 1, 2, 3, 3, 0, 4, 2])
+    bare = aug.AugParams(**{k: v for k, v in vars(params).items() if not k.startswith("host")})  # no host copies
+    assert torch.equal(aug.apply(x, params, group), aug.apply(x, bare, group))
+    with pytest.raises(ValueError, match="group index 5 out of range"):
+        aug.apply(x, params, group + 1)
+
+
 @pytest.mark.parametrize("method", ["dm", "dsa"])
-def test_resume_continues_exactly(method):
+@pytest.mark.parametrize("every", [1, 25])  # losses read at each iteration / only at checkpoints and the end
+def test_a_non_finite_loss_names_its_iteration_and_option(method, every, monkeypatch):
+    monkeypatch.setattr(loss_log, "read_every", lambda device: every)
+    cfg = DistillConfig(m=6)
+    cfg.dm.iterations = cfg.dsa.iterations = 4
+    cfg.dm.lr_images = cfg.dsa.lr_images = 1e38
+    cfg.dsa.outer_loop, cfg.dsa.inner_loop = 2, 1
+    run = distill_dm if method == "dm" else distill_dsa
+    expected = rf"{method}: non-finite loss at iteration \d; lower distill.{method}.lr_images"
+    with pytest.raises(UserError, match=expected):
+        run(_context(cfg))
+
+
+@pytest.mark.parametrize("method", ["dm", "dsa"])
+@pytest.mark.parametrize("every", [1, 2, 25])
+def test_resume_continues_exactly(method, every, monkeypatch):
+    monkeypatch.setattr(loss_log, "read_every", lambda device: every)
     cfg = DistillConfig(m=6)
     cfg.dm.iterations = cfg.dsa.iterations = 2
     cfg.dsa.outer_loop, cfg.dsa.inner_loop = 2, 1
@@ -135,9 +170,11 @@ def test_resume_continues_exactly(method):
 
     with pytest.raises(Stopped):
         run(_context(cfg, Hooks(checkpoint=saved.append, should_stop=stop_after_one)))
-    assert saved[-1]["step"] == 1
+    assert saved[-1]["step"] == 1 and len(saved[-1]["losses"]) == 1
+    assert all(type(v) is float for v in saved[-1]["losses"])  # plain floats in the checkpoint
     resumed = run(_context(cfg, Hooks(resume=saved[-1])))
     assert torch.equal(resumed.images, whole.images) and resumed.meta["losses"] == whole.meta["losses"]
+    assert len(whole.meta["losses"]) == 2 and all(type(v) is float for v in whole.meta["losses"])
 
 
 def _context(cfg: DistillConfig, hooks: Hooks | None = None) -> DistillContext:

@@ -150,3 +150,19 @@ def test_kip_and_frepo_leave_checked_cross_entropy_sets(tmp_path):
     assert "random-feature" in kip_meta["kernel"]
     paired = artifacts.read_meta(out / "distilled" / "random_subset_labeled.safetensors")["init_index"]
     assert artifacts.read_meta(out / "distilled" / "frepo.safetensors")["init_index"] == paired
+
+
+def test_one_hot_rows_made_on_the_device_equal_the_host_ones_and_feature_models_keep_the_global_rng(monkeypatch):
+    labels = SourceLabels(torch.arange(40) % 4, 4)
+    index = torch.tensor([3, 0, 17, 39, 3])
+    assert torch.equal(labels.one_hot(index, "cpu"), labels.one_hot(index))
+    assert labels.on("cpu") is labels.on(torch.device("cpu"))  # kept, not copied per call
+    targets = frepo_module.centred_one_hot(labels, "cpu")(index)
+    assert torch.equal(targets, labels.one_hot(index) - 0.25)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    feature_models(SPEC, 2, seed=2, step=7, device="cpu")
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), state)

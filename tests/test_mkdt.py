@@ -241,3 +241,140 @@ def test_mkdt_batchnorm_student_and_bad_settings():
     ctx.prep = {"experts": train_experts(ctx)}
     out = distill_mkdt(ctx)
     assert torch.isfinite(out.images).all() and out.lr != 0.1
+
+
+# ---------------------------------------------------------------- losses read in batches, memory check, RNG
+
+def test_step_log_reads_in_batches_the_floats_item_gives_and_names_the_bad_step():
+    from ssdd.loss_log import StepLog, read_every
+
+    seen = []
+
+    def finish(step, values, info):
+        seen.append((step, info))
+        if values[0] != values[0]:
+            raise UserError(f"non-finite at {step}")
+        return values[0] + values[1]
+
+    kept = [0.5]  # a resumed run's losses: appended to in place
+    assert read_every("cpu") == 1 and read_every("cuda") > 1  # a CPU read costs nothing
+    log = StepLog(kept, finish, "cuda", every=3)
+    losses = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 1 / 3, 2.7)]
+    assert not log.add(1, [losses[0], torch.tensor(1.0)], "a") and not log.add(2, [losses[1], torch.tensor(0.0)])
+    assert len(log) == 3 and kept == [0.5] and seen == []
+    assert log.add(3, [losses[2], torch.tensor(True)], "c")  # the third step reads all three, once
+    assert log.values is kept and kept == [0.5, losses[0].item() + 1.0, losses[1].item(), losses[2].item() + 1.0]
+    assert [type(v) for v in kept] == [float] * 4 and seen == [(1, "a"), (2, None), (3, "c")]
+    log.add(4, [torch.tensor(float("nan")), torch.tensor(0.0)])
+    with pytest.raises(UserError, match="non-finite at 4"):
+        log.read()
+    # a loop that fails later (say a solver on the non-finite set) reports the pending non-finite loss
+    log = StepLog([], finish, "cuda", every=10)
+    with pytest.raises(UserError, match="non-finite at 7") as err:
+        with log.guard():
+            log.add(7, [torch.tensor(float("nan")), torch.tensor(0.0)])
+            raise RuntimeError("linalg failed")
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="other"):  # nothing pending to blame: the error itself
+        with StepLog([], finish, "cpu").guard():
+            raise RuntimeError("other")
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_mkdt_losses_and_lr_curve_do_not_depend_on_how_often_they_are_read(experts_prep, every, monkeypatch):
+    from ssdd import loss_log
+    full = distill_mkdt(make_ctx(0, prep=experts_prep, mkdt={"iterations": 4}))
+    monkeypatch.setattr(loss_log, "read_every", lambda device: every)
+    again = distill_mkdt(make_ctx(0, prep=experts_prep, mkdt={"iterations": 4}))
+    assert again.meta == full.meta and again.lr == full.lr and torch.equal(again.images, full.images)
+    assert all(type(v) is float for v in full.meta["losses"] + full.meta["lr_curve"])
+
+
+def test_unroll_cost_arithmetic():
+    from ssdd.distill.mkdt import UnrollCost
+
+    cost = UnrollCost(fixed=2e9, per_step=1e8, per_image=4e6)
+    assert cost.need(40, 1000) == 2e9 + 40 * (1e8 + 1000 * 4e6)
+    budget = 0.9 * 130e9
+    b = cost.max_batch(40, budget)
+    assert cost.need(40, b) <= budget < cost.need(40, b + 1)
+    s = cost.max_steps(1000, budget)
+    assert cost.need(s, 1000) <= budget < cost.need(s + 1, 1000)
+    assert cost.max_batch(40, 1e9) == 0 and cost.max_steps(1000, 1e9) == 0  # not even the fixed part fits
+
+
+def test_mkdt_refuses_an_iteration_that_cannot_fit_before_any_expert_work(monkeypatch):
+    from ssdd.distill import mkdt as mkdt_mod
+
+    cost = mkdt_mod.UnrollCost(fixed=0.0, per_step=0.0, per_image=4e6)  # ~4 MB per image per unrolled step
+    monkeypatch.setattr(mkdt_mod, "unroll_cost", lambda *args: cost)
+    monkeypatch.setattr(mkdt_mod, "free_memory", lambda device: (130e9, "cuda:0"))
+    ctx = make_ctx(0, mkdt={"syn_steps": 40, "batch_syn": 0})  # no experts in ctx.prep
+    ctx.cfg.m = 1000
+    message = ("distill.mkdt: 40 unrolled steps over 1000 images need ~160 GB, 130 GB free on cuda:0; "
+               "set distill.mkdt.batch_syn <= 731 or distill.mkdt.syn_steps <= 29")
+    for run in (get("mkdt").preflight, distill_mkdt):  # the preflight, and the method before it reads experts
+        with pytest.raises(UserError) as err:
+            run(ctx)
+        assert str(err.value) == message
+    ctx.cfg.mkdt.batch_syn = 731  # what it says fits, fits: the method goes on (to the missing experts)
+    with pytest.raises(UserError, match="experts prep stage has not run"):
+        distill_mkdt(ctx)
+    ctx.cfg.mkdt.batch_syn = 0
+    monkeypatch.setattr(mkdt_mod, "free_memory", lambda device: (1e8, "the host (MemAvailable)"))
+    with pytest.raises(UserError, match="even one image over one step does not fit"):
+        distill_mkdt(ctx)
+    monkeypatch.setattr(mkdt_mod, "free_memory", lambda device: None)  # unknown: no check
+    with pytest.raises(UserError, match="experts prep stage has not run"):
+        distill_mkdt(ctx)
+    assert get("mtt").preflight is not None and get("mkdt_aug").preflight is get("mkdt").preflight
+    assert get("high_loss").preflight is None
+
+
+def test_cpu_memory_estimate_counts_activations_and_parameters():
+    import torch.nn.functional as F
+
+    from ssdd.distill import mkdt as mkdt_mod
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(128, 3))
+    assert mkdt_mod.activation_elements(model, (1, 8, 8), "cpu") == 2 * 8 * 8 + 3  # in-place and views once
+    p = sum(q.numel() for q in model.parameters())
+    cost = mkdt_mod.unroll_cost(model, (1, 8, 8), 3, 10, F.mse_loss, "cpu")
+    assert cost.per_image == mkdt_mod.CPU_ACTIVATION_FACTOR * 4 * 131
+    assert cost.per_step == mkdt_mod.CPU_PARAM_COPIES * 4 * p and cost.fixed > 0
+    assert model.training  # left as it was
+    free = mkdt_mod.free_memory("cpu")
+    assert free is None or (free[0] > 0 and "MemAvailable" in free[1])
+
+
+def test_seeded_builds_leave_every_global_generator_alone(monkeypatch):
+    from ssdd.distill.experts import build_seeded
+
+    torch.manual_seed(5)
+    torch.manual_seed(42)
+    expected = build(SPEC)  # what seeding the global RNG with 42 builds
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    reseeded = []  # torch.manual_seed reseeds every CUDA generator; a seeded build must not
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    model = build_seeded(SPEC, 42, "cpu")
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+
+
+def test_the_pipeline_refuses_mkdt_memory_before_training_any_expert(monkeypatch, tmp_path, capsys):
+    """The run's preflight asks every stale method first: the refusal comes before hours of experts."""
+    from ssdd.cli import main
+    from ssdd.distill import mkdt as mkdt_mod
+    from test_methods import tiny_args, tiny_npz
+
+    monkeypatch.setattr(mkdt_mod, "unroll_cost", lambda *args: mkdt_mod.UnrollCost(0.0, 0.0, 4e6))
+    monkeypatch.setattr(mkdt_mod, "free_memory", lambda device: (1e6, "the host (MemAvailable)"))
+    src = tiny_npz(tmp_path / "src.npz")
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--until", "distill",
+                 *tiny_args(src, [src], ["krr_st", "mkdt"], seeds=1)]) == 2
+    assert "distill.mkdt:" in capsys.readouterr().err
+    assert not (out / "distilled" / "prep" / "experts.safetensors").exists()
+    assert not (out / "distilled" / "krr_st.safetensors").exists()  # refused before the first method too

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from ssdd import loss_log
 from ssdd.config import DistillConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.distill.diagnose import gradient_stats, grad_variance, write_grad_variance
@@ -88,3 +89,25 @@ def test_write_grad_variance_writes_json_and_png(tmp_path):
     assert saved["random_batch"]["methods"]["krr_st"]["variance"] > 0  # the real batch varies
     assert saved["fixed_batch"]["methods"]["krr_st"]["variance"] == 0
     assert (tmp_path / "grad_variance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_losses_read_in_batches_resume_and_leave_the_cuda_generators_alone(monkeypatch):
+    from ssdd.distill.naive_bilevel import fresh_net
+
+    full = naive_bilevel(context())
+    monkeypatch.setattr(loss_log, "read_every", lambda device: 2)
+    saved = []
+    with pytest.raises(Stopped):
+        naive_bilevel(context(hooks=Hooks(checkpoint=lambda st: saved.append(copy.deepcopy(st)),
+                                          checkpoint_due=lambda step: True, should_stop=lambda: len(saved) == 1)))
+    assert [st["step"] for st in saved] == [1, 2] and all(type(v) is float for v in saved[1]["losses"])
+    resumed = naive_bilevel(context(hooks=Hooks(resume=saved[1])))
+    assert torch.equal(resumed.images, full.images) and resumed.meta["losses"] == full.meta["losses"]
+    ctx = context()  # (seeds the global RNG itself, for its teacher)
+    state = torch.get_rng_state()
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    fresh_net(SPEC, [8, 8], 3)
+    grad_variance(ctx, draws=1)
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), state)

@@ -34,3 +34,23 @@ def test_batchnorm_statistics_are_recalibrated_on_clean_images():
     first_bn = encoder.backbone[1]
     x = encoder.backbone[0](norm(data.images))  # the first conv's output on every training image
     torch.testing.assert_close(first_bn.running_mean, x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_losses_read_in_batches_are_the_same_floats(monkeypatch):
+    import pytest
+
+    from ssdd.errors import UserError
+    from ssdd.teacher import train as train_mod
+
+    data, norm, cfg = setup()
+    every_step = train_barlow_twins(data, norm, cfg, 0, progress=False).losses
+    monkeypatch.setattr(train_mod, "read_every", lambda device: 4)  # 9 steps: reads at 4, 8, 6 (checkpoint), 9
+    saved = []
+    batched = train_barlow_twins(data, norm, cfg, 0, progress=False,
+                                 checkpoint=lambda st: saved.append(copy.deepcopy(st)),
+                                 checkpoint_due=lambda step: step == 6)
+    assert batched.losses == every_step and len(every_step) == 9 and all(type(v) is float for v in every_step)
+    assert [st["step"] for st in saved] == [6] and saved[0]["losses"] == every_step[:6]
+    cfg.lr = float("inf")
+    with pytest.raises(UserError, match="teacher: non-finite Barlow Twins loss at step 1; lower teacher.lr"):
+        train_barlow_twins(data, norm, cfg, 0, progress=False)

@@ -418,6 +418,11 @@ class Run:
     def stage_distill(self) -> None:
         source, heldout = self._source("train"), self._source("heldout")
         base = self.distill_context(source, heldout, cache={})
+        for method in self.set_methods():  # what can be refused (MKDT's memory) is, before any method's work
+            stale = any(not self._fresh(distilled_path(self.out, method.name, k), self.method_fp(method, k))
+                        for k in self.seeds())
+            if method.preflight is not None and stale:
+                method.preflight(base)
         for method in self.set_methods():
             prep = {name: self._prep(name, base) for name in self.active_preps(method)}
             for k in self.seeds():

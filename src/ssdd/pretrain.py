@@ -36,11 +36,11 @@ def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cf
     steps_per_epoch = math.ceil(len(images) / batch)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
-    curve = []
+    totals = []  # per epoch, on the device: summed in float64 as Python floats would be, read once at the end
     model.train()
     for _ in tqdm(range(cfg.epochs), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
-        order = torch.randperm(len(images), generator=gen).to(device)
-        total = 0.0
+        order = torch.randperm(len(images), generator=gen).to(device, non_blocking=True)
+        total = torch.zeros((), dtype=torch.float64, device=images.device)
         for i in range(0, len(images), batch):
             idx = order[i:i + batch]
             with autocast(device):
@@ -50,8 +50,9 @@ def pretrain_encoder(images: torch.Tensor, targets: torch.Tensor, spec: dict, cf
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-        curve.append(total / len(images))
+            total += loss.detach().double() * len(idx)
+        totals.append(total)
+    curve = [total / len(images) for total in torch.stack(totals).tolist()] if totals else []
     return model.eval(), curve
 
 

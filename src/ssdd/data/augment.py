@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssdd.data.device_data import upload
+
 
 def check_generator(generator: torch.Generator | None, device: torch.device | str) -> None:
     """Refuse a draw on ``device`` from a generator that lives elsewhere: torch raises for that only on
@@ -24,10 +26,10 @@ def crop_flip_params(n: int, pad: int, flip: bool, generator: torch.Generator | 
     check_generator(generator, where)
     dy = dx = mask = None
     if pad > 0:
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=where, generator=generator).to(device, non_blocking=True)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=where, generator=generator).to(device, non_blocking=True)
+        dy = upload(torch.randint(0, 2 * pad + 1, (n,), device=where, generator=generator), device)
+        dx = upload(torch.randint(0, 2 * pad + 1, (n,), device=where, generator=generator), device)
     if flip:
-        mask = (torch.rand(n, device=where, generator=generator) < 0.5).to(device, non_blocking=True)
+        mask = upload(torch.rand(n, device=where, generator=generator) < 0.5, device)
     return dy, dx, mask
 
 

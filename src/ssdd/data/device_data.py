@@ -7,6 +7,16 @@ import torch
 from ssdd.data.dataset import ImageSet
 
 
+def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``; a CPU tensor bound for a GPU goes through pinned memory with ``non_blocking``, so
+    the host neither waits for the copy nor for the work queued before it. (Any other move is a plain,
+    blocking ``.to``: a non-blocking copy *to* the host could be read before it lands.)"""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Normalizer:
     """uint8 -> float in the dataset's normalised space (and back, for pictures)."""
 
@@ -50,7 +60,7 @@ class BatchSampler:
 
     def _set_order(self, order: torch.Tensor) -> None:
         self._order = order
-        self._on_device = order.to(self.images.device, non_blocking=True)
+        self._on_device = upload(order, self.images.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self._order.clone(), "pos": self._pos}

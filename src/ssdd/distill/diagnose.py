@@ -20,6 +20,7 @@ from ssdd import artifacts
 from ssdd.data import BatchSampler
 from ssdd.data.augment import crop_flip
 from ssdd.distill import krr_st, naive_bilevel
+from ssdd.distill.experts import seeded_cpu_rng
 from ssdd.distill.registry import DistillContext
 from ssdd.models import build
 
@@ -62,8 +63,7 @@ def grad_variance(ctx: DistillContext, draws: int = 16, fixed_batch: bool = Fals
     ctx.teacher.eval()
     x0 = ctx.to_space(ctx.source.images[ctx.init_index.cpu()])
     y0 = ctx.targets_for(ctx.init_index)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(ctx.seed)
+    with seeded_cpu_rng(ctx.seed):  # the CPU RNG only: models are built on the CPU; CUDA's stays as it was
         krr_model = build(ctx.spec)  # a pool model as the pool makes it (age 0), eval mode in outer_loss
     krr_model = krr_model.to(device)
     net = naive_bilevel.fresh_net(ctx.spec, cfg.naive_bilevel.projector, ctx.seed, device)

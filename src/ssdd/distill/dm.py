@@ -4,44 +4,53 @@ embedding of that class's real images (sum over classes of the squared distance 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from ssdd.data import siamese_augment as dsa_aug
+from ssdd.data.device_data import upload
 from ssdd.distill.experts import build_seeded, expert_seed
 from ssdd.distill.per_class import ClassBatches, ImageOptimisation, balanced_start
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.errors import UserError
+from ssdd.loss_log import StepLog
 
 REAL_CHUNK = 4096  # real images per forward pass (bounds memory; the means are exact sums)
 
 
-def class_means(features: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
-    """(groups, D) mean feature of each group (zero for an empty group)."""
+def class_means(features: torch.Tensor, group: torch.Tensor, groups: int,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(groups, D) mean feature of each group (zero for an empty group). ``counts``: the group sizes, when
+    the caller has them (a device ``bincount`` waits for the device to size its output)."""
     sums = features.new_zeros(groups, features.shape[1]).index_add(0, group, features)
-    counts = torch.bincount(group, minlength=groups).clamp_min(1).to(features.dtype)
-    return sums / counts[:, None]
+    counts = torch.bincount(group, minlength=groups) if counts is None else counts
+    return sums / counts.clamp_min(1).to(features.dtype)[:, None]
 
 
 def mean_embedding_distance(real_means: torch.Tensor, syn_features: torch.Tensor,
-                            syn_group: torch.Tensor) -> torch.Tensor:
+                            syn_group: torch.Tensor, syn_counts: torch.Tensor | None = None) -> torch.Tensor:
     """DM's loss: sum over classes c of ||real_means[c] - mean of the synthetic features of class c||^2."""
-    return (real_means - class_means(syn_features, syn_group, len(real_means))).pow(2).sum()
+    return (real_means - class_means(syn_features, syn_group, len(real_means), syn_counts)).pow(2).sum()
 
 
 @torch.no_grad()
 def real_class_means(net: torch.nn.Module, ctx: DistillContext, source_u8: torch.Tensor, index: torch.Tensor,
                      group: torch.Tensor, params: dsa_aug.AugParams, groups: int) -> torch.Tensor:
-    """Mean embedding of each class's augmented real batch, ``REAL_CHUNK`` images per pass."""
-    sums = counts = None
+    """Mean embedding of each class's augmented real batch, ``REAL_CHUNK`` images per pass. ``index`` and
+    ``group`` are CPU tensors (as :class:`ClassBatches` draws them): the group sizes and the augmentation's
+    masks are counted on the host, and each chunk's indices reach the device in one copy."""
+    index, group = index.cpu(), group.cpu()
+    sums = None
     for i in range(0, len(index), REAL_CHUNK):
-        g = group[i:i + REAL_CHUNK].to(ctx.device)
-        x = dsa_aug.apply(ctx.to_space(source_u8[index[i:i + REAL_CHUNK].to(source_u8.device)]), params, g)
+        g_host = group[i:i + REAL_CHUNK]
+        idx, g = upload(torch.stack([index[i:i + REAL_CHUNK], g_host]), source_u8.device).unbind(0)
+        x = dsa_aug.apply(ctx.to_space(source_u8[idx]), params, g_host)
         f = net.features(x)
-        part = f.new_zeros(groups, f.shape[1]).index_add(0, g, f)
+        part = f.new_zeros(groups, f.shape[1]).index_add(0, g.to(f.device), f)
         sums = part if sums is None else sums + part
-        n = torch.bincount(g, minlength=groups)
-        counts = n if counts is None else counts + n
+    counts = upload(torch.bincount(group, minlength=groups), sums.device)
     return sums / counts.clamp_min(1).to(sums.dtype)[:, None]
 
 
@@ -62,30 +71,44 @@ def distill_dm(ctx: DistillContext) -> DistilledSet:
     start = balanced_start(labels.labels, ctx.cfg.m, expert_seed(ctx.seed, 0, "dm-init"))
     k = len(start.classes)
     source_u8 = ctx.source.images.to(device)
-    syn_group = start.group.to(device)
-    run = ImageOptimisation.start(ctx.to_space(source_u8[start.index.to(device)]), cfg.lr_images, cfg.momentum,
-                                  expert_seed(ctx.seed, 0, "dm-draws"), hooks.resume)
-    x_s, opt, gen, losses = run.x_s, run.opt, run.gen, run.losses
+    syn_group = upload(start.group, device)  # start.group (CPU) decides the augmentation's masks
+    syn_counts = upload(torch.bincount(start.group, minlength=k), device)
+    run = ImageOptimisation.start(ctx.to_space(source_u8[upload(start.index, device)]), cfg.lr_images,
+                                  cfg.momentum, expert_seed(ctx.seed, 0, "dm-draws"), hooks.resume)
+    x_s, opt, gen = run.x_s, run.opt, run.gen
+
+    def finish(it: int, loss: list[float], _: object) -> float:
+        if not math.isfinite(loss[0]):
+            raise UserError(f"dm: non-finite loss at iteration {it}; lower distill.dm.lr_images")
+        return loss[0] / k  # per class, as the published log
+
+    log = StepLog(run.losses, finish, device)  # on a GPU read every few iterations, not one sync each
+
+    def state() -> dict:
+        log.read()
+        return run.state()
+
     batches = ClassBatches(labels.labels, start.classes)
     spec = {**ctx.spec, "out_dim": labels.num_classes}
     size = x_s.shape[-1]
-    bar = tqdm(range(len(losses), cfg.iterations), desc="dm", disable=not ctx.progress, dynamic_ncols=True,
-               initial=len(losses), total=cfg.iterations)
-    for it in bar:
-        net = build_seeded(spec, expert_seed(ctx.seed, it, "dm-net"), device).train().requires_grad_(False)
-        params = dsa_aug.draw(k, ops, size, gen, device=device)
-        index, group = batches.sample(cfg.batch_real, gen)
-        real_means = real_class_means(net, ctx, source_u8, index, group, params, k)
-        syn_features = net.features(dsa_aug.apply(x_s, params, syn_group))
-        loss = mean_embedding_distance(real_means, syn_features, syn_group)
-        if not torch.isfinite(loss):
-            raise UserError(f"dm: non-finite loss at iteration {it}; lower distill.dm.lr_images")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item() / k)  # per class, as the published log
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-        hooks.after_step(it + 1, cfg.iterations, run.state, "dm")
+    bar = tqdm(range(len(log), cfg.iterations), desc="dm", disable=not ctx.progress, dynamic_ncols=True,
+               initial=len(log), total=cfg.iterations)
+    with log.guard():
+        for it in bar:
+            net = build_seeded(spec, expert_seed(ctx.seed, it, "dm-net"), device).train().requires_grad_(False)
+            params = dsa_aug.draw(k, ops, size, gen, device=device)
+            index, group = batches.sample(cfg.batch_real, gen)
+            real_means = real_class_means(net, ctx, source_u8, index, group, params, k)
+            syn_features = net.features(dsa_aug.apply(x_s, params, start.group))
+            loss = mean_embedding_distance(real_means, syn_features, syn_group, syn_counts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if log.add(it, [loss]):
+                bar.set_postfix(loss=f"{log.values[-1]:.4g}", refresh=False)
+            hooks.after_step(it + 1, cfg.iterations, state, "dm")
+        log.read()
+    losses = log.values
     return DistilledSet(x_s.detach(), labels.one_hot(start.index).to(device), objective="cross_entropy",
                         meta={"init": "real_class_balanced", "init_index": start.index.tolist(),
                               "classes": start.classes.tolist(), "iterations": cfg.iterations, "augment": list(ops),

@@ -4,6 +4,7 @@ differentiable augmentation, while that network trains on the synthetic set betw
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -12,10 +13,13 @@ from tqdm.auto import tqdm
 
 from ssdd.config import DsaConfig
 from ssdd.data import siamese_augment as dsa_aug
+from ssdd.data.augment import check_generator
+from ssdd.data.device_data import upload
 from ssdd.distill.experts import build_seeded, expert_seed
 from ssdd.distill.per_class import ClassBatches, ImageOptimisation, balanced_start
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.errors import UserError
+from ssdd.loss_log import StepLog
 
 # The published outer/inner loops by images per class (DC/DSA's get_loops): the outer loop always equals ipc.
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -67,46 +71,62 @@ def distill_dsa(ctx: DistillContext) -> DistilledSet:
     k = len(start.classes)
     outer, inner = loops(cfg, start.images_per_class)
     source_u8 = ctx.source.images.to(device)
-    syn_group = start.group.to(device)
-    syn_labels = labels.labels[start.index].to(device)
-    syn_rows = [(syn_group == j).nonzero().squeeze(1) for j in range(k)]
-    run = ImageOptimisation.start(ctx.to_space(source_u8[start.index.to(device)]), cfg.lr_images, cfg.momentum,
-                                  expert_seed(ctx.seed, 0, "dsa-draws"), hooks.resume)
-    x_s, opt, gen, losses = run.x_s, run.opt, run.gen, run.losses
+    syn_labels = upload(labels.labels[start.index], device)
+    syn_rows = [upload((start.group == j).nonzero().squeeze(1), device) for j in range(k)]
+    run = ImageOptimisation.start(ctx.to_space(source_u8[upload(start.index, device)]), cfg.lr_images,
+                                  cfg.momentum, expert_seed(ctx.seed, 0, "dsa-draws"), hooks.resume)
+    x_s, opt, gen = run.x_s, run.opt, run.gen
+
+    def finish(it: int, outer_losses: list[float], _: object) -> float:
+        total = 0.0
+        for value in outer_losses:
+            if not math.isfinite(value):
+                raise UserError(f"dsa: non-finite loss at iteration {it}; lower distill.dsa.lr_images")
+            total += value
+        return total / (k * outer)  # per class and outer step, as the published log
+
+    log = StepLog(run.losses, finish, device)  # on a GPU read every few iterations, not one sync per step
+
+    def state() -> dict:
+        log.read()
+        return run.state()
+
     batches = ClassBatches(labels.labels, start.classes)
     spec = {**ctx.spec, "out_dim": labels.num_classes}
     size = x_s.shape[-1]
-    bar = tqdm(range(len(losses), cfg.iterations), desc="dsa", disable=not ctx.progress, dynamic_ncols=True,
-               initial=len(losses), total=cfg.iterations)
-    for it in bar:
-        net = build_seeded(spec, expert_seed(ctx.seed, it, "dsa-net"), device).train()
-        weights = [p for p in net.parameters() if p.ndim > 1]  # 1-d parameters count zero in the distance
-        net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum)
-        total = 0.0
-        for ol in range(outer):
-            params = dsa_aug.draw(k, ops, size, gen, device=device)
-            index, group = batches.sample(cfg.batch_real, gen)
-            x_syn = dsa_aug.apply(x_s, params, syn_group)
-            bounds = [0, *torch.bincount(group, minlength=k).cumsum(0).tolist()]
-            loss = x_s.new_zeros(())
-            for j, c in enumerate(start.classes.tolist()):
-                rows = slice(bounds[j], bounds[j + 1])  # this class's real batch, augmented by its draw
-                real_j = dsa_aug.apply(ctx.to_space(source_u8[index[rows].to(device)]), params, group[rows].to(device))
-                g_real = [g.detach() for g in class_gradients(net, weights, real_j, c, create_graph=False)]
-                g_syn = class_gradients(net, weights, x_syn[syn_rows[j]], c, create_graph=True)
-                loss = loss + gradient_distance(g_real, g_syn)
-            if not torch.isfinite(loss):
-                raise UserError(f"dsa: non-finite loss at iteration {it}; lower distill.dsa.lr_images")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            if ol == outer - 1:
-                break
-            train_network(net, net_opt, x_s.detach(), syn_labels, inner, cfg.batch_train, ops, gen)
-        losses.append(total / (k * outer))  # per class and outer step, as the published log
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-        hooks.after_step(it + 1, cfg.iterations, run.state, "dsa")
+    bar = tqdm(range(len(log), cfg.iterations), desc="dsa", disable=not ctx.progress, dynamic_ncols=True,
+               initial=len(log), total=cfg.iterations)
+    with log.guard():
+        for it in bar:
+            net = build_seeded(spec, expert_seed(ctx.seed, it, "dsa-net"), device).train()
+            weights = [p for p in net.parameters() if p.ndim > 1]  # 1-d parameters count zero in the distance
+            net_opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr, momentum=cfg.net_momentum)
+            outer_losses = []
+            for ol in range(outer):
+                params = dsa_aug.draw(k, ops, size, gen, device=device)
+                index, group = batches.sample(cfg.batch_real, gen)  # CPU, grouped by class
+                x_syn = dsa_aug.apply(x_s, params, start.group)
+                bounds = [0, *torch.bincount(group, minlength=k).cumsum(0).tolist()]
+                real_index = upload(index, device)  # the whole real batch in one copy
+                loss = x_s.new_zeros(())
+                for j, c in enumerate(start.classes.tolist()):
+                    rows = slice(bounds[j], bounds[j + 1])  # this class's real batch, augmented by its draw
+                    real_j = dsa_aug.apply(ctx.to_space(source_u8[real_index[rows]]), params, group[rows])
+                    g_real = [g.detach() for g in class_gradients(net, weights, real_j, c, create_graph=False)]
+                    g_syn = class_gradients(net, weights, x_syn[syn_rows[j]], c, create_graph=True)
+                    loss = loss + gradient_distance(g_real, g_syn)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                outer_losses.append(loss.detach())
+                if ol == outer - 1:
+                    break
+                train_network(net, net_opt, x_s.detach(), syn_labels, inner, cfg.batch_train, ops, gen)
+            if log.add(it, outer_losses):
+                bar.set_postfix(loss=f"{log.values[-1]:.4g}", refresh=False)
+            hooks.after_step(it + 1, cfg.iterations, state, "dsa")
+        log.read()
+    losses = log.values
     return DistilledSet(x_s.detach(), labels.one_hot(start.index).to(device), objective="cross_entropy",
                         meta={"init": "real_class_balanced", "init_index": start.index.tolist(),
                               "classes": start.classes.tolist(), "iterations": cfg.iterations, "outer_loop": outer,
@@ -118,8 +138,9 @@ def train_network(net: torch.nn.Module, opt: torch.optim.Optimizer, images: torc
     """DSA's inner loop: ``epochs`` shuffled epochs of cross-entropy on the synthetic set, each batch
     augmented with per-image parameters and one operation for the batch (published non-siamese mode)."""
     net.train()
+    check_generator(gen, gen.device)
     for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen).to(images.device)
+        order = upload(torch.randperm(len(images), generator=gen, device=gen.device), images.device)
         for i in range(0, len(images), batch):
             rows = order[i:i + batch]
             params = dsa_aug.draw(len(rows), ops, images.shape[-1], gen, one_op=True, device=images.device)

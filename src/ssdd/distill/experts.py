@@ -8,11 +8,17 @@ Prep stage ``experts`` returns ``trajectories`` (K × (epochs+1) × P, float32) 
 averaged over experts — the scores of MKDT's high-loss initialisation. Expert ``k`` depends on
 ``expert_seed(ctx.seed, k)`` alone, so any expert can be re-made on its own, and a resumed run
 is identical to an uninterrupted one.
+
+Precision: the experts' forwards and backwards run under :func:`ssdd.precision.autocast` (bf16 when the
+stage's precision is bf16; their losses in fp32), like every other network training here. The
+trajectory matching that reads them (``trajectory.py``) stays fp32 by design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,16 +26,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ssdd.config import ExpertsConfig
 from ssdd import distributed
+from ssdd.config import ExpertsConfig
 from ssdd.data.augment import crop_flip
 from ssdd.distill.registry import DistillContext, register_prep
 from ssdd.distill.trajectory import flat_params, load_flat_params, param_count, unflatten_params
 from ssdd.models import Encoder, build
+from ssdd.precision import autocast
 
 __all__ = ["expert_seed", "flat_params", "load_flat_params", "param_count", "unflatten_params", "ExpertTask",
            "kd_task", "per_example_loss", "squared_error", "train_expert", "run_experts", "train_experts",
-           "build_seeded"]
+           "build_seeded", "seeded_cpu_rng"]
 
 
 def expert_seed(seed: int, k: int, purpose: str = "") -> int:
@@ -38,10 +45,20 @@ def expert_seed(seed: int, k: int, purpose: str = "") -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def build_seeded(spec: dict, seed: int, device: torch.device | str) -> Encoder:
-    """``build(spec)`` with its initialisation drawn from ``seed``, leaving the global RNG as it was."""
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """The global CPU RNG seeded with ``seed`` inside, and restored after; every CUDA generator untouched.
+
+    Models are built (initialised) on the CPU, so this seeds everything a build draws. (``torch.manual_seed``
+    would also reseed every CUDA generator, and ``fork_rng(devices=[])`` would not restore them.)"""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def build_seeded(spec: dict, seed: int, device: torch.device | str) -> Encoder:
+    """``build(spec)`` with its initialisation drawn from ``seed``, leaving the global RNGs as they were."""
+    with seeded_cpu_rng(seed):
         model = build(spec)
     return model.to(device)
 
@@ -83,8 +100,8 @@ class ExpertTask:
 def kd_task(ctx: DistillContext) -> ExpertTask:
     """MKDT's experts: ``ctx.spec`` students regressing the teacher's features by MSE."""
     def view_targets(view: torch.Tensor) -> torch.Tensor:  # teacher targets of the very view the student sees
-        with torch.no_grad():
-            return ctx.teacher(ctx.norm(view))
+        with torch.no_grad(), autocast(view.device):
+            return ctx.teacher(ctx.norm(view)).float()
 
     return ExpertTask(ctx.cfg.experts, ctx.spec, ctx.teacher_features(), F.mse_loss, squared_error, view_targets)
 
@@ -108,7 +125,7 @@ def train_expert(ctx: DistillContext, k: int, images_u8: torch.Tensor | None = N
     snapshots = [flat_params(model).cpu()]
     epoch1_loss = None
     for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=order_gen).to(images_u8.device)
+        order = torch.randperm(n, generator=order_gen).to(images_u8.device, non_blocking=True)
         for i in range(0, n, cfg.batch):
             idx = order[i:i + cfg.batch]
             if cfg.augment:
@@ -117,7 +134,9 @@ def train_expert(ctx: DistillContext, k: int, images_u8: torch.Tensor | None = N
                 z = task.view_targets(view) if task.view_targets is not None else task.targets[idx]
             else:
                 x, z = ctx.to_space(images_u8[idx]), task.targets[idx]
-            loss = task.loss(model(x), z)
+            with autocast(x.device):
+                out = model(x)
+            loss = task.loss(out.float(), z)  # fp32 loss (a no-op cast in fp32)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -28,10 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ssdd.data import BatchSampler
+from ssdd.distill.experts import seeded_cpu_rng
 from ssdd.distill.frepo import centred_one_hot
 from ssdd.distill.krr import spd_solve
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.errors import UserError
+from ssdd.loss_log import StepLog
 from ssdd.models import Encoder, build
 from ssdd.precision import autocast, full_precision
 
@@ -84,8 +86,7 @@ def feature_models(spec: dict, count: int, seed: int, step: int, device: torch.d
     from (seed, step, i); the global RNG is left as it was."""
     models = []
     for i in range(count):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0]))
+        with seeded_cpu_rng(int(np.random.SeedSequence([seed, step, i]).generate_state(1)[0])):
             model = build({**spec, "out_dim": 0})
         models.append(model.to(device).eval().requires_grad_(False))
     return models
@@ -119,30 +120,38 @@ def kip(ctx: DistillContext) -> DistilledSet:
         sampler.load_state_dict(hooks.resume["sampler"])
         losses = list(hooks.resume["losses"])
 
+    def finish(step: int, loss: list[float], _: object) -> float:
+        if not math.isfinite(loss[0]):
+            raise UserError(f"distill: non-finite KIP loss at step {step}; lower distill.kip.lr_images "
+                            "(or distill.kip.lr_labels) or raise distill.kip.ridge (last checkpoint kept)")
+        return loss[0]
+
+    log = StepLog(losses, finish, device)  # on a GPU read every few steps, not one sync per step
+
     def state() -> dict:
+        log.read()
         return {"step": len(losses), "x_s": x_s.detach().clone(), "y_s": y_s.detach().clone(),
                 "opt": opt.state_dict(), "sampler": sampler.state_dict(), "losses": list(losses)}
 
     bar = tqdm(range(len(losses), k.steps), desc=f"kip s{ctx.seed}", disable=not ctx.progress, dynamic_ncols=True,
                initial=len(losses), total=k.steps)
-    for step in bar:
-        real = sampler.next_index()
-        x_t, y_t = ctx.to_space(sampler.images[real]).contiguous(memory_format=torch.channels_last), targets(real)
-        models = feature_models(ctx.spec, k.models, ctx.seed, step, device)
-        with torch.no_grad(), autocast(device):
-            phi_t = random_features(models, x_t)
-        with autocast(device):
-            phi_s = random_features(models, x_s)
-        loss = kip_loss(phi_s, phi_t, y_s, y_t, k.ridge)
-        if not torch.isfinite(loss):
-            raise UserError(f"distill: non-finite KIP loss at step {step}; lower distill.kip.lr_images "
-                            "(or distill.kip.lr_labels) or raise distill.kip.ridge (last checkpoint kept)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        hooks.after_step(step + 1, k.steps, state, "distill")
+    with log.guard():
+        for step in bar:
+            real = sampler.next_index()
+            x_t, y_t = ctx.to_space(sampler.images[real]).contiguous(memory_format=torch.channels_last), targets(real)
+            models = feature_models(ctx.spec, k.models, ctx.seed, step, device)
+            with torch.no_grad(), autocast(device):
+                phi_t = random_features(models, x_t)
+            with autocast(device):
+                phi_s = random_features(models, x_s)
+            loss = kip_loss(phi_s, phi_t, y_s, y_t, k.ridge)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if log.add(step, [loss]):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            hooks.after_step(step + 1, k.steps, state, "distill")
+        log.read()
 
     if k.learn_labels:
         stored, objective = y_s.detach() + 1.0 / labels.num_classes, "mse"

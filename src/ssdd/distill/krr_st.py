@@ -3,6 +3,7 @@ features of a pool model, predicts the teacher's features of real images."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ from ssdd.distill.pool import ModelPool
 from ssdd.distill.registry import DistillContext, DistilledSet, random_index, register
 from ssdd.distill.teacher_cache import CachedTeacher
 from ssdd.errors import UserError
-from ssdd.loss_log import LossLog
+from ssdd.loss_log import StepLog
 from ssdd.models import Encoder
 from ssdd.models.inference import CompiledCall, fold_batchnorm, inference_copy
 from ssdd.phases import NO_TIMER, NoTimer, PhaseTimer
@@ -141,7 +142,7 @@ class OuterStep:
         return x_real, t_real
 
     def __call__(self, step: int, timer: PhaseTimer | NoTimer = NO_TIMER) -> torch.Tensor:
-        """One step; returns its loss as a 0-d tensor on the device (read it in batches: :class:`LossLog`)."""
+        """One step; returns its loss as a 0-d tensor on the device (read it in batches: :class:`ssdd.loss_log.StepLog`)."""
         k, device = self.cfg.krr_st, self.device
         x_real, t_real = self.real_batch(timer)
         idx = self.pool.pick()
@@ -182,8 +183,10 @@ def _forward(model: Encoder, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_compile(k: KrrStConfig) -> bool:
-    """``distill.krr_st.compile``: on, off, or auto = on for runs of 1000 steps or more."""
-    return k.compile == "on" or (k.compile == "auto" and k.steps >= 1000)
+    """``distill.krr_st.compile``: on, off, or auto = on for runs of 1000 steps or more. Before torch 2.5
+    every pool model and re-initialisation recompiles until dynamo's limit, then runs eagerly: off there."""
+    wanted = k.compile == "on" or (k.compile == "auto" and k.steps >= 1000)
+    return wanted and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class FoldedFeatures(torch.nn.Module):
@@ -286,11 +289,16 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
     cache = CachedTeacher(ctx.prep["teacher_views"], cfg.crop_pad, device) if "teacher_views" in ctx.prep else None
     outer_step = OuterStep(x_s, y_s, opt, sched, pool, sampler, aug_gen,
                            make_teacher(teacher, k) if targets_of is None else teacher, norm, cfg, cache, targets_of)
-    log = LossLog(resume["losses"] if resume else [], device, on_nonfinite=outer_step.nonfinite)
+    def finish(step: int, floats: list[float], info: Any) -> float:
+        if not math.isfinite(floats[0]):
+            outer_step.nonfinite(step, floats[0])
+        return floats[0]
+
+    log = StepLog(list(resume["losses"]) if resume else [], finish, device)
     bar = tqdm(range(len(log), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
                dynamic_ncols=True, initial=len(log), total=k.steps)
     for step in bar:
-        if log.append(outer_step(step)):
-            bar.set_postfix(loss=f"{log.last:.4f}", refresh=False)
+        if log.add(step + 1, [outer_step(step)]):
+            bar.set_postfix(loss=f"{log.values[-1]:.4f}", refresh=False)
         hooks.after_step(step + 1, k.steps, state, "distill")
     return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, log.read(), pool.reinits)

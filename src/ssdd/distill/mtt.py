@@ -9,13 +9,14 @@ the source's labels as targets and cross-entropy as the loss; the matching loop 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 import torch.nn.functional as F
 
 from ssdd.distill.experts import ExpertTask, build_seeded, expert_seed, run_experts
-from ssdd.distill.mkdt import check_trajectories, match_trajectories
+from ssdd.distill.mkdt import check_trajectories, check_unroll_memory, match_trajectories
 from ssdd.distill.per_class import balanced_start
 from ssdd.distill.registry import DistillContext, DistilledSet, SourceLabels, register, register_prep
 from ssdd.errors import UserError
@@ -40,7 +41,14 @@ def train_ce_experts(ctx: DistillContext) -> dict[str, torch.Tensor]:
     return run_experts(ctx, classifier_task(ctx))
 
 
-@register("mtt", needs=("distill.mtt",), prep=("ce_experts",))
+def mtt_preflight(ctx: DistillContext) -> None:
+    """MTT's checks that need no experts: labels, and does one iteration fit in memory."""
+    spec = classifier_spec(ctx, ctx.require_labels("mtt"))
+    model = build_seeded(spec, expert_seed(ctx.seed, 0, "mtt-student"), ctx.device)  # architecture only
+    check_unroll_memory(dataclasses.replace(ctx, spec=spec), "mtt", ctx.cfg.mtt, model, F.cross_entropy)
+
+
+@register("mtt", needs=("distill.mtt",), prep=("ce_experts",), preflight=mtt_preflight)
 def distill_mtt(ctx: DistillContext) -> DistilledSet:
     """Trajectory matching to cross-entropy experts with fixed one-hot labels (MTT, CVPR 2022)."""
     cfg = ctx.cfg.mtt
@@ -51,6 +59,7 @@ def distill_mtt(ctx: DistillContext) -> DistilledSet:
     spec = classifier_spec(ctx, labels)
     model = build_seeded(spec, expert_seed(ctx.seed, 0, "mtt-student"), ctx.device)  # architecture only
     check_trajectories(trajectories, cfg, "mtt", "distill.mtt.experts", spec, model)
+    check_unroll_memory(dataclasses.replace(ctx, spec=spec), "mtt", cfg, model, F.cross_entropy)
 
     # MTT's real init, for any budget: m // C random images per class (DM and DSA start the same way)
     index = balanced_start(labels.labels, ctx.cfg.m, expert_seed(ctx.seed, 0, "mtt-init")).index

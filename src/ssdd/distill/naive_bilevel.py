@@ -16,6 +16,8 @@ which starts from the same paired draw.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -25,9 +27,11 @@ from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import DistillConfig
 from ssdd.data import BatchSampler
 from ssdd.data.augment import crop_flip
+from ssdd.distill.experts import seeded_cpu_rng
 from ssdd.distill.krr import ridge_predict
 from ssdd.distill.registry import DistillContext, DistilledSet, register
 from ssdd.errors import UserError
+from ssdd.loss_log import StepLog
 from ssdd.models import build
 from ssdd.models.ssl import barlow_twins_loss, projector
 
@@ -48,9 +52,8 @@ class SSLNet(nn.Module):
 
 def fresh_net(spec: dict, proj_dims: list[int], seed: int, device: torch.device | str = "cpu") -> SSLNet:
     """A model initialised from ``seed`` alone (built on the CPU, so every device gets the same weights);
-    the global RNG is left untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    the global RNGs are left untouched."""
+    with seeded_cpu_rng(seed):
         encoder = build({**spec, "out_dim": 0})  # features only: no head parameters
         net = SSLNet(encoder, projector(encoder.feature_dim, list(proj_dims)))
     return net.to(device).train()
@@ -116,29 +119,38 @@ def naive_bilevel(ctx: DistillContext) -> DistilledSet:
         restore_rng(state)
         losses = list(state["losses"])
 
+    def finish(step: int, values: list[float], _: object) -> float:
+        loss, grad_finite = values
+        if not (math.isfinite(loss) and grad_finite):
+            raise UserError(f"distill: non-finite naive_bilevel loss or gradient at step {step} (loss {loss:.3g}); "
+                            "lower distill.naive_bilevel.lr_images (or distill.naive_bilevel.inner_lr) "
+                            "(last checkpoint kept)")
+        return loss
+
+    log = StepLog(losses, finish, device)  # on a GPU read every few steps, not one sync per step
+
     def state() -> dict:
+        log.read()
         return {"step": len(losses), "images": x_s.detach().clone(), "opt": opt.state_dict(),
                 "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), "view_gen": view_gen.get_state(),
                 **rng_state(), "losses": list(losses)}
 
     bar = tqdm(range(len(losses), nb.steps), desc=f"naive_bilevel s{ctx.seed}", disable=not ctx.progress,
                dynamic_ncols=True, initial=len(losses), total=nb.steps)
-    for step in bar:
-        real, _ = sampler.next()
-        x_real = ctx.norm(crop_flip(real, cfg.crop_pad, cfg.flip, aug_gen))
-        with torch.no_grad():
-            t_real = ctx.teacher(x_real)
-        net = fresh_net(ctx.spec, nb.projector, model_seed(ctx.seed, step), device)
-        loss = outer_loss(net, x_s, x_real, t_real, cfg, view_gen)
-        grad = torch.autograd.grad(loss, [x_s])[0] if torch.isfinite(loss) else None
-        if grad is None or not torch.isfinite(grad).all():
-            raise UserError(f"distill: non-finite naive_bilevel loss or gradient at step {step} (loss {loss.item():.3g}); "
-                            "lower distill.naive_bilevel.lr_images (or distill.naive_bilevel.inner_lr) "
-                            "(last checkpoint kept)")
-        x_s.grad = grad
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        hooks.after_step(step + 1, nb.steps, state, "naive_bilevel")
+    with log.guard():
+        for step in bar:
+            real, _ = sampler.next()
+            x_real = ctx.norm(crop_flip(real, cfg.crop_pad, cfg.flip, aug_gen))
+            with torch.no_grad():
+                t_real = ctx.teacher(x_real)
+            net = fresh_net(ctx.spec, nb.projector, model_seed(ctx.seed, step), device)
+            loss = outer_loss(net, x_s, x_real, t_real, cfg, view_gen)
+            grad = torch.autograd.grad(loss, [x_s])[0]
+            x_s.grad = grad
+            opt.step()
+            if log.add(step, [loss, torch.isfinite(grad).all()]):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            hooks.after_step(step + 1, nb.steps, state, "naive_bilevel")
+        log.read()
     return DistilledSet(x_s.detach(), None, objective="barlow_twins",
                         meta={"init_index": index.tolist(), "steps": nb.steps, "losses": losses})

@@ -55,9 +55,25 @@ class SourceLabels:
     labels: torch.Tensor  # int64 (N,)
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def one_hot(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(self.labels[index.cpu()], self.num_classes).float()
+    def on(self, device: torch.device | str) -> torch.Tensor:
+        """The labels on ``device`` (copied there once, then kept)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._on:
+            self._on[device] = self.labels.to(device)
+        return self._on[device]
+
+    def one_hot(self, index: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 one-hot rows of ``labels[index]``: on the CPU, or with ``device`` made there from the
+        labels kept on it (no copy of ``index`` back to the host: per-step use in FRePo and KIP)."""
+        if device is None:
+            return torch.nn.functional.one_hot(self.labels[index.cpu()], self.num_classes).float()
+        labels = self.on(device)
+        index = index.to(labels.device, non_blocking=labels.device.type == "cuda")  # usually there already
+        return torch.nn.functional.one_hot(labels[index], self.num_classes).float()
 
 
 @dataclass
@@ -124,6 +140,9 @@ class Method:
     needs: tuple[str, ...] = ()
     prep: tuple[str, ...] = ()
     doc: str = ""
+    # a cheap check of the settings against this machine (e.g. MKDT's memory estimate), raising UserError;
+    # meant to run before the method's prep stages, so a refusal comes before hours of expert training
+    preflight: Callable[[DistillContext], None] | None = None
 
 
 @dataclass
@@ -140,11 +159,12 @@ _METHODS: dict[str, Method] = {}
 _PREPS: dict[str, Prep] = {}
 
 
-def register(name: str, *, kind: str = "set", needs: tuple[str, ...] = (), prep: tuple[str, ...] = ()) -> Callable:
-    """Decorator registering a method's entry point under ``name``."""
+def register(name: str, *, kind: str = "set", needs: tuple[str, ...] = (), prep: tuple[str, ...] = (),
+             preflight: Callable[[DistillContext], None] | None = None) -> Callable:
+    """Decorator registering a method's entry point under ``name`` (``preflight``: see :class:`Method`)."""
     def wrap(fn: Callable[[DistillContext], DistilledSet] | None) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn is not None and fn.__doc__ else ""
-        _METHODS[name] = Method(name, fn, kind, tuple(needs), tuple(prep), doc)
+        _METHODS[name] = Method(name, fn, kind, tuple(needs), tuple(prep), doc, preflight)
         return fn
     return wrap
 

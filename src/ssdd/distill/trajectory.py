@@ -4,6 +4,11 @@ student training on a synthetic set, and MTT's normalised matching loss.
 A model's parameters are handled as one flat vector (the order of ``model.parameters()``);
 :func:`unflatten_params` turns it back into named views, so ``torch.func.functional_call`` can
 run the model with parameters that carry an autograd graph.
+
+Precision: the unrolled loops (MKDT, MTT) run in fp32 by design, also when the stage's precision is bf16:
+they never enter autocast. Their meta-gradient differentiates through every inner step (second
+derivatives, an inner lr learned from it), where bf16's 8-bit mantissa would swamp the signal; the
+experts that make the trajectories (``experts.py``) do train under autocast.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ssdd import distributed
+from ssdd.data.augment import check_generator
+from ssdd.data.device_data import upload
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -49,14 +56,17 @@ def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
 
 def minibatches(m: int, batch: int, steps: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Index sets of ``steps`` minibatches of a set of ``m``: successive chunks of a fresh random
-    permutation (a new one when it runs out); ``batch`` 0 or >= m means the whole set every step."""
+    permutation (a new one when it runs out); ``batch`` 0 or >= m means the whole set every step.
+    The permutations are drawn where ``generator`` lives (the CPU without one), and the indices stay there."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    check_generator(generator, where)
     if batch <= 0 or batch >= m:
-        return [torch.arange(m)] * steps
+        return [torch.arange(m, device=where)] * steps
     out: list[torch.Tensor] = []
-    order, pos = torch.empty(0, dtype=torch.long), 0
+    order, pos = torch.empty(0, dtype=torch.long, device=where), 0
     for _ in range(steps):
         if pos + batch > len(order):
-            order, pos = torch.randperm(m, generator=generator), 0
+            order, pos = torch.randperm(m, generator=generator, device=where), 0
         out.append(order[pos:pos + batch])
         pos += batch
     return out
@@ -65,7 +75,8 @@ def minibatches(m: int, batch: int, steps: int, generator: torch.Generator | Non
 def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
                     lr: torch.Tensor | float, steps: int, batch: int = 0,
                     generator: torch.Generator | None = None,
-                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss) -> torch.Tensor:
+                    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+                    data_parallel: bool = True) -> torch.Tensor:
     """Flat parameters after ``steps`` plain gradient steps θ ← θ − lr ∇ loss(f_θ(x_b), y_b) from
     ``start_flat``, keeping the graph so that the result differentiates w.r.t. ``images``,
     ``targets`` and ``lr`` (and ``start_flat`` when it requires grad).
@@ -81,23 +92,33 @@ def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Te
     Under torchrun each inner step is data-parallel: every rank draws the same minibatch, takes its
     share, and the summed share gradients make the step, so N ranks give one process's result (with
     BatchNorm students the statistics are then per share). The caller sums the image and target
-    gradients over the ranks after its backward (see ``mkdt.match_trajectories``).
+    gradients over the ranks after its backward (see ``mkdt.match_trajectories``). ``data_parallel=False``
+    keeps the whole computation on this process (the memory estimate of ``mkdt.unroll_cost``).
+
+    The indices of all ``steps`` minibatches reach the images' device in one copy.
     """
     theta = start_flat if start_flat.requires_grad else start_flat.detach().requires_grad_(True)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    parallel = data_parallel and distributed.active()
+    batches = minibatches(len(images), batch, steps, generator)
+    sizes = [len(index) for index in batches]
+    mine = [index[distributed.share(len(index))] if parallel else index for index in batches]
+    if batch <= 0 or batch >= len(images):  # the same (whole-set) indices every step: one copy of them
+        mine = [upload(mine[0], images.device)] * steps if steps else []
+    elif mine:
+        mine = list(upload(torch.cat(mine), images.device).split([len(i) for i in mine]))
     was_training = model.training
     model.train()
     try:
-        for index in minibatches(len(images), batch, steps, generator):
-            mine = index[distributed.share(len(index))].to(images.device)
-            theta_in = distributed.share_input(theta)
-            if len(mine):
-                out = functional_call(model, {**unflatten_params(model, theta_in), **buffers}, (images[mine],))
-                share_loss = loss(out, targets[mine]) * (len(mine) / len(index))
+        for size, rows in zip(sizes, mine):
+            theta_in = distributed.share_input(theta) if parallel else theta
+            if len(rows):
+                out = functional_call(model, {**unflatten_params(model, theta_in), **buffers}, (images[rows],))
+                share_loss = loss(out, targets[rows]) * (len(rows) / size)
             else:  # a minibatch smaller than the number of ranks: this rank adds nothing, but takes part
                 share_loss = (theta_in * 0).sum()
             (grad,) = torch.autograd.grad(share_loss, theta_in, create_graph=True)
-            theta = theta - lr * distributed.sum_shares(grad)
+            theta = theta - lr * (distributed.sum_shares(grad) if parallel else grad)
     finally:
         model.train(was_training)
     return theta

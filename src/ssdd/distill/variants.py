@@ -15,9 +15,10 @@ import random
 
 import torch
 
+from ssdd.data.device_data import upload
 from ssdd.distill.experts import train_experts
 from ssdd.distill.krr_st import distill_krr_st
-from ssdd.distill.mkdt import distill_mkdt
+from ssdd.distill.mkdt import distill_mkdt, mkdt_preflight
 from ssdd.distill.registry import DistillContext, DistilledSet, register, register_prep
 from ssdd.distill.trajectory import load_flat_params
 from ssdd.errors import UserError
@@ -44,7 +45,8 @@ class ExpertPool:
     def pick(self) -> int:
         expert = self.rng.randrange(self.trajectories.shape[0])
         epoch = self.rng.randrange(self.trajectories.shape[1])
-        load_flat_params(self.model, self.trajectories[expert, epoch].to(self.device))
+        # one parameter row per step: pinned and non-blocking on a GPU (the trajectories stay pageable)
+        load_flat_params(self.model, upload(self.trajectories[expert, epoch], self.device))
         return 0
 
     def train_step(self, idx: int, x_s: torch.Tensor, y_s: torch.Tensor) -> float:
@@ -74,7 +76,7 @@ def train_augmented_experts(ctx: DistillContext) -> dict[str, torch.Tensor]:
     return train_experts(dataclasses.replace(ctx, cfg=cfg))
 
 
-@register("mkdt_aug", needs=("distill.mkdt", "distill.experts"), prep=("experts_aug",))
+@register("mkdt_aug", needs=("distill.mkdt", "distill.experts"), prep=("experts_aug",), preflight=mkdt_preflight)
 def mkdt_aug(ctx: DistillContext) -> DistilledSet:
     """MKDT matched to augmentation-consistent experts."""
     result = distill_mkdt(dataclasses.replace(ctx, prep={"experts": ctx.prep["experts_aug"]}))

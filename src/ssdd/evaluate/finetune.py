@@ -26,12 +26,13 @@ from ssdd.precision import autocast
 @torch.no_grad()
 def accuracy(model: Encoder, test: ImageSet, norm: Normalizer, device: torch.device | str, chunk: int = 512) -> float:
     model.eval()
-    correct = 0
+    labels = test.labels.to(device)
+    correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: one read at the end
     for i in range(0, len(test), chunk):
         with autocast(device):
             logits = model(norm(test.images[i:i + chunk].to(device)))
-        correct += (logits.argmax(1).cpu() == test.labels[i:i + chunk]).sum().item()
-    return correct / len(test)
+        correct += (logits.argmax(1) == labels[i:i + chunk]).sum()
+    return correct.item() / len(test)
 
 
 def finetune_accuracy(encoder: Encoder, train: ImageSet, test: ImageSet, norm: Normalizer, cfg: EvaluateConfig,

@@ -1,6 +1,9 @@
 """Target-data-free knowledge distillation: a supervised teacher for the target task is distilled
 into a pre-trained student using only a transfer set (the distilled images, or Gaussian noise as
-the baseline) under DSA-style augmentation; the student is then tested on the target test set."""
+the baseline) under DSA-style augmentation; the student is then tested on the target test set.
+
+The teacher's and the student's forwards run under :func:`ssdd.precision.autocast` (bf16 when the stage's
+precision is bf16); the softmaxes and the KL loss are computed in fp32."""
 
 from __future__ import annotations
 
@@ -13,15 +16,23 @@ from tqdm.auto import tqdm
 
 from ssdd.config import EvaluateConfig
 from ssdd.data import ImageSet, Normalizer
+from ssdd.data.augment import check_generator
 from ssdd.evaluate.finetune import accuracy
 from ssdd.models import Encoder
+from ssdd.precision import autocast
 
 
 def dsa_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Differentiable-siamese-style augmentation, one draw per image: colour (brightness,
     saturation, contrast), scale + rotation + translation (one affine warp), flip, cutout."""
     n, c, h, w = x.shape
-    rand = lambda *shape: torch.rand(*shape, generator=generator, device=x.device)  # noqa: E731
+    where = generator.device  # drawn where the generator lives, used where the images are
+    check_generator(generator, where)
+    device = x.device
+
+    def rand(*shape: int) -> torch.Tensor:  # non-blocking only towards a GPU (never a copy the host reads early)
+        return torch.rand(*shape, generator=generator, device=where).to(device, non_blocking=device.type == "cuda")
+
     x = x + (rand(n, 1, 1, 1) - 0.5)  # brightness
     if c > 1:
         gray = x.mean(1, keepdim=True)
@@ -64,9 +75,12 @@ def kd_accuracy(student: Encoder, teacher: Encoder, transfer: torch.Tensor, test
     for _ in tqdm(range(cfg.kd_iters), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         idx = torch.randint(0, len(transfer), (min(cfg.finetune_batch, len(transfer)),), generator=gen, device=device)
         x = dsa_augment(transfer[idx], gen)
-        with torch.no_grad():
-            soft = F.softmax(teacher(x) / t, dim=1)
-        loss = F.kl_div(F.log_softmax(model(x) / t, dim=1), soft, reduction="batchmean") * t * t
+        with torch.no_grad(), autocast(device):
+            teacher_logits = teacher(x)
+        with autocast(device):
+            logits = model(x)
+        soft = F.softmax(teacher_logits.float() / t, dim=1)  # fp32 (no-op casts in fp32)
+        loss = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft, reduction="batchmean") * t * t
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -21,6 +21,13 @@ from ssdd.models.global_norm import to_global, to_local
 from ssdd.models.ssl import barlow_twins_loss, projector
 from ssdd.precision import autocast
 
+READ_EVERY = 25  # GPU steps between reads of the loss to the host (each read waits for the device once)
+
+
+def read_every(device: torch.device | str) -> int:
+    """Steps between loss reads: every step on the CPU (a read costs nothing there), READ_EVERY elsewhere."""
+    return 1 if torch.device(device).type == "cpu" else READ_EVERY
+
 
 @dataclass
 class TeacherResult:
@@ -75,6 +82,23 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
         restore_rng(resume)
         losses = list(resume["losses"])
     encoder.train(), proj.train()
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
+    every = read_every(device)
+
+    def read_losses() -> None:
+        """Read the pending losses to floats in one device sync (every ``every`` steps, before a
+        checkpoint and at the end, not one .item() per step) and check them."""
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss in pending]).tolist()
+        for (at, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                pending.clear()
+                raise UserError(f"teacher: non-finite Barlow Twins loss at step {at}; lower teacher.lr "
+                                "(last checkpoint kept)")
+            losses.append(value)
+        pending.clear()
+
     bar = tqdm(range(len(losses), total), desc=desc, disable=not progress, dynamic_ncols=True,
                initial=len(losses), total=total)
     for step in bar:
@@ -95,17 +119,19 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
             distributed.sum_gradients_(params)
         opt.step()
         sched.step()
-        if not torch.isfinite(loss):
-            raise UserError(f"teacher: non-finite Barlow Twins loss at step {step}; lower teacher.lr (last checkpoint kept)")
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
+        pending.append((step, loss.detach()))
+        if len(pending) >= every:
+            read_losses()
+            bar.set_postfix(loss=f"{losses[-1]:.2f}", refresh=False)
         stop = distributed.any_true(should_stop()) if parallel else should_stop()
         if checkpoint and (stop or checkpoint_due(step + 1)):
+            read_losses()
             checkpoint({"step": step + 1, "encoder": encoder.state_dict(), "projector": proj.state_dict(),
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "sampler": sampler.state_dict(),
                         **rng_state(), "losses": list(losses)})
         if stop and step + 1 < total:
             raise Stopped("teacher", step + 1)
+    read_losses()
     if local_norms is not None:
         to_local(encoder, local_norms[0])
         to_local(proj, local_norms[1])
