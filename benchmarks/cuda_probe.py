@@ -24,6 +24,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA start
 import torch  # noqa: E402
 
 from ssdd import precision  # noqa: E402
+from ssdd.models import auto_precision
 from ssdd.checkpoint import Hooks  # noqa: E402
 from ssdd.config import DistillConfig, KrrStConfig  # noqa: E402
 from ssdd.data import ImageSet, Normalizer  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
         with precision.use("fp32"):
             inside = {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
-        return {"native_bf16": precision.native_bf16(dev), "auto": precision.resolve("auto", dev),
+        return {"native_bf16": precision.native_bf16(dev), "auto": auto_precision.resolve("auto", dev),
                 "inside_fp32": inside, "outside_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32}
     attempt("precision", precision_facts)
 
@@ -120,7 +121,7 @@ def main() -> None:
                     warnings.simplefilter("always")
                     torch.cuda.set_sync_debug_mode("warn")
                     try:
-                        with precision.use(precision.resolve("auto", dev)):
+                        with precision.use(auto_precision.resolve("auto", dev)):
                             distill_krr_st(ctx_for(steps))
                     finally:
                         torch.cuda.set_sync_debug_mode(0)
@@ -171,7 +172,7 @@ def main() -> None:
         forward = CompiledCall(_forward)
         for seed in range(3):
             pool = ModelPool({**SPEC, "out_dim": 256}, 3, 4, device=dev, seed=seed, forward=forward)
-            with precision.use(precision.resolve("auto", dev)):
+            with precision.use(auto_precision.resolve("auto", dev)):
                 pool.populate(xs, ys)
                 for _ in range(8):
                     pool.train_step(pool.pick(), xs, ys)
@@ -187,7 +188,7 @@ def main() -> None:
     def fold_or_not() -> dict:
         res = {}
         for fold in (True, False):
-            with precision.use(precision.resolve("auto", dev)):
+            with precision.use(auto_precision.resolve("auto", dev)):
                 distill_krr_st(ctx_for(3, fold=fold))  # warm-up
                 if cuda:
                     torch.cuda.synchronize(dev)

@@ -8,7 +8,7 @@ and channels, the calibration's batch), auto's pick from a fresh calibration in 
 folder (as on a machine's first run; ``--use-cache`` reads ``$SSDD_CACHE_DIR`` / ``~/.cache/ssdd``
 instead), and the careful timing: the fastest and the median ms per pass in each precision, and
 the ratio fp32 time / bf16 time of the fastest passes (the calibration's statistic,
-:func:`ssdd.precision.speed_ratio`). ``SSDD_AUTO_PRECISION`` is ignored here.
+:func:`ssdd.models.auto_precision.speed_ratio`). ``SSDD_AUTO_PRECISION`` is ignored here.
 
 Prints the device first and ends with one JSON line: ``device``, ``auto`` (preset -> pick),
 ``ratio_fp32_over_bf16`` ("preset/network" -> careful ratio), ``calibration_s`` (wall seconds of
@@ -32,7 +32,8 @@ import torch
 
 from ssdd import precision
 from ssdd.config import load_config
-from ssdd.pipeline import resolve_device
+from ssdd.models import auto_precision
+from ssdd.pipeline import resolve_device, run_networks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,26 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.pop(precision.ENV_OVERRIDE, None)
+    os.environ.pop(auto_precision.ENV_OVERRIDE, None)
     dev = resolve_device(args.device)
     print(f"device {precision.describe(dev)}; torch {torch.__version__}; {torch.get_num_threads()} threads")
 
     picks, ratios, calibration_s, never_slower = {}, {}, {}, True
     with tempfile.TemporaryDirectory() as tmp:
         if not args.use_cache:
-            os.environ[precision.ENV_CACHE_DIR] = tmp
+            os.environ[auto_precision.ENV_CACHE_DIR] = tmp
         for name in args.presets:
             cfg = load_config(name)
-            networks = precision.calibration_networks(cfg)
+            networks = run_networks(cfg)
             start = time.perf_counter()
-            picks[name] = precision.resolve("auto", dev, cfg)
+            picks[name] = auto_precision.resolve("auto", dev, networks)
             calibration_s[name] = round(time.perf_counter() - start, 2)
-            times = precision.time_passes(networks, dev, budget_s=0.0, min_reps=args.rounds, max_reps=args.rounds)
+            times = auto_precision.time_passes(networks, dev, budget_s=0.0, min_reps=args.rounds, max_reps=args.rounds)
             for label, t in times.items():
-                ratio = precision.speed_ratio(t)
+                ratio = auto_precision.speed_ratio(t)
                 ratios[f"{name}/{label}"] = round(ratio, 3)
                 never_slower &= picks[name] == "fp32" or ratio >= 1.0
-                batch = precision.calibration_batch(dev, int(networks[label]["image_size"]))
+                batch = auto_precision.calibration_batch(dev, int(networks[label]["image_size"]))
                 ms = {p: f"{1e3 * min(t[p]):6.1f} ms (median {1e3 * statistics.median(t[p]):6.1f})" for p in t}
                 print(f"{name:14s} {label:18s} batch {batch:3d}: fp32 {ms['fp32']}, bf16 {ms['bf16']}, "
                       f"fp32/bf16 {ratio:.2f} ({args.rounds} rounds)")

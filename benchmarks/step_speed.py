@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ssdd import precision
+from ssdd.models import auto_precision
 from ssdd.allocator import keep_freed_memory
 from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
 
     kept = keep_freed_memory()  # as every ssdd command does; SSDD_MALLOC=system for glibc's defaults
     device = torch.device(args.device)
-    prec = precision.resolve(args.precision, device)
+    prec = auto_precision.resolve(args.precision, device)
     conf = dict(CONFIGS[args.config])
     if args.m:
         conf["m"] = args.m

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ssdd import artifacts, precision
+from ssdd.models import auto_precision
 from ssdd.checkpoint import Hooks
 from ssdd.cli import main
 from ssdd.config import DistillConfig, KrrStConfig
@@ -186,4 +187,4 @@ def test_auto_precision_follows_the_gpus_compute_capability():
     native = torch.cuda.get_device_capability(DEV) >= (8, 0)
     assert precision.native_bf16(DEV) == native
     if not native:
-        assert precision.resolve("auto", DEV) == "fp32"
+        assert auto_precision.resolve("auto", DEV) == "fp32"

@@ -36,7 +36,8 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
                    help="auto (a GPU when there is one), cpu, cuda, cuda:1, ... (default: $SSDD_DEVICE, else auto)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="network passes in bf16 autocast or fp32 (default: the preset's `precision`, auto = bf16 "
-                        "only where the hardware has it natively: CUDA with bf16, CPUs with AMX / AVX-512-bf16; "
+                        "only where a 2 s calibration of the run's own models measured it faster on this machine (cached; "
+                        "SSDD_AUTO_PRECISION=fp32|bf16 overrides); "
                         "losses and ridge solves always fp32/fp64). The choice is logged and part of every "
                         "artifact's fingerprint")
     p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic kernels (slower), so a rerun "

@@ -28,6 +28,7 @@ from ssdd import artifacts, determinism, distributed, folder_lock, precision, re
 from ssdd.checkpoint import Checkpointer
 from ssdd.config import Config, EvaluateConfig, fingerprint, to_dict
 from ssdd.data import ImageSet, Normalizer, load_dataset, load_source, save_dataset
+from ssdd.data.bundled import BUNDLED
 from ssdd.data.formats import read_source
 from ssdd.data.sources import load_target, target_name
 from ssdd.distill import registry
@@ -37,7 +38,7 @@ from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.evaluate.finetune import accuracy, finetune
 from ssdd.evaluate.kd import kd_accuracy
 from ssdd.interrupt import StopRequest
-from ssdd.models import Encoder, build, encoder_from_artifact, model_spec
+from ssdd.models import Encoder, auto_precision, build, encoder_from_artifact, model_spec
 from ssdd.models import names as model_names
 from ssdd.pretrain import pretrain_encoder, pretrain_ssl
 from ssdd.teacher import as_teacher, is_torchscript, load_teacher, load_teacher_module, train_barlow_twins
@@ -69,6 +70,21 @@ INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random
                  "experts are trained once per run and shared by every seed, so high_loss is the same set in every "
                  "seed and MKDT starts from it every time (their intervals cover their own randomness, pre-training "
                  "and label draws, not a different start).")
+
+
+def run_networks(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Build specs of the run's teacher and student, labelled, for ``auto``'s timing. Channels come from
+    the source spec without reading data: the bundled sets are grayscale, everything else is taken as RGB
+    (CIFAR, ImageNet, image folders); a brought teacher (``teacher.path``) is timed as ``teacher.model``,
+    the architecture it loads as."""
+    channels = 1 if cfg.data.source in BUNDLED else 3
+    return auto_precision.labelled(model_spec(cfg.teacher.model, channels, cfg.data.size, 0),
+                                   model_spec(cfg.model, channels, cfg.data.size, 0))
+
+
+def run_precision(cfg: Config, device: torch.device | str) -> str:
+    """``fp32`` or ``bf16`` for this run: ``cfg.precision``, with ``auto`` measured on the run's own networks."""
+    return auto_precision.resolve(cfg.precision, device, run_networks(cfg) if cfg.precision == "auto" else None)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -140,7 +156,7 @@ class Run:
         self.cfg, self.out, self.device = cfg, Path(out), resolve_device(device)
         determinism.configure(cfg.deterministic, self.device)
         self.progress = progress and distributed.is_main()
-        self.precision = precision.resolve(cfg.precision, self.device, cfg)
+        self.precision = run_precision(cfg, self.device)
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
         self.data_dir = self.out / "data"
@@ -718,7 +734,7 @@ def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: s
     determinism.configure(cfg.deterministic, dev)
     method = str(artifacts.read_meta(distilled).get("method", Path(distilled).stem))
     for k in range(cfg.evaluate.seeds):
-        with precision.use(precision.resolve(cfg.precision, dev, cfg)):
+        with precision.use(run_precision(cfg, dev)):
             encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
         artifacts.save_encoder(encoder_path(out, method, k), encoder, spec,
                                {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name,
@@ -750,7 +766,7 @@ def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: st
                 method = str(meta.get("method", Path(path).stem))
             methods.append(method)
             for target in suite:
-                with precision.use(precision.resolve(cfg.precision, dev, cfg)):
+                with precision.use(run_precision(cfg, dev)):
                     rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
     write_results(out, rows)
     return report.write_report(out, methods=list(dict.fromkeys(methods)))
