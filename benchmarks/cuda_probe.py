@@ -26,15 +26,16 @@ import torch  # noqa: E402
 from ssdd import precision  # noqa: E402
 from ssdd.models import auto_precision
 from ssdd.checkpoint import Hooks  # noqa: E402
-from ssdd.config import DistillConfig, KrrStConfig  # noqa: E402
 from ssdd.data import ImageSet, Normalizer  # noqa: E402
 from ssdd.determinism import configure  # noqa: E402
 from ssdd.distill import DistillContext, distill_krr_st, random_index  # noqa: E402
-from ssdd.distill.krr_st import _forward, outer_grads  # noqa: E402
-from ssdd.distill.pool import ModelPool  # noqa: E402
+from ssdd.distill.engines.krr import outer_grads  # noqa: E402
+from ssdd.distill.engines.krr_engine import KrrStConfig, _forward  # noqa: E402
+from ssdd.distill.engines.pool import ModelPool  # noqa: E402
 from ssdd.errors import Stopped  # noqa: E402
 from ssdd.models import build  # noqa: E402
 from ssdd.models.inference import CompiledCall  # noqa: E402
+from ssdd.settings import DistillConfig  # noqa: E402
 from ssdd.teacher import FeatureExtractor  # noqa: E402
 
 SPEC = {"arch": "convnet", "in_channels": 3, "image_size": 32, "widths": [64, 128, 256], "pool": "flatten", "out_dim": 0}

@@ -27,10 +27,12 @@ def worker(steps: int, device: str) -> None:
     """Inside one process of the measured group: time both stages, print JSON on rank 0."""
     from ssdd import distributed, precision
     from ssdd.checkpoint import Hooks
-    from ssdd.config import DistillConfig, KrrStConfig, ModelConfig, TeacherConfig
+    from ssdd.config import ModelConfig, TeacherConfig
     from ssdd.data import ImageSet, Normalizer
     from ssdd.distill import DistillContext, distill_krr_st, random_index
+    from ssdd.distill.engines.krr_engine import KrrStConfig
     from ssdd.models import build
+    from ssdd.settings import DistillConfig
     from ssdd.teacher import FeatureExtractor
     from ssdd.teacher.train import train_barlow_twins
 

@@ -31,9 +31,9 @@ import time
 import torch
 
 from ssdd import precision
-from ssdd.config import load_config
 from ssdd.models import auto_precision
-from ssdd.pipeline import resolve_device, run_networks
+from ssdd.run import resolve_device, run_networks
+from ssdd.settings import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ def emit(row: dict, sink: list) -> None:
 
 
 def teacher_config(epochs: int):
-    from ssdd.config import load_config
+    from ssdd.settings import load_config
     return load_config("demo", {"teacher.epochs": epochs})
 
 

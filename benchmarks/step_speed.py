@@ -51,16 +51,18 @@ import torch
 from ssdd import precision
 from ssdd.models import auto_precision
 from ssdd.allocator import keep_freed_memory
-from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
-from ssdd.distill.krr_st import FoldedFeatures, OuterStep, _forward, make_teacher, outer_grads, use_compile
+from ssdd.distill.engines.krr import outer_grads
+from ssdd.distill.engines.krr_engine import (CachedTeacher, FoldedFeatures, KrrStConfig, OuterStep, _forward,
+                                             make_teacher, use_compile)
 from ssdd.models.inference import CompiledCall
-from ssdd.distill.pool import ModelPool
+from ssdd.distill.engines.pool import ModelPool
 from ssdd.distill.registry import DistillContext
-from ssdd.distill.teacher_cache import CachedTeacher, teacher_views
+from ssdd.distill.methods.teacher_views import teacher_views
 from ssdd.models import build
 from ssdd.phases import PhaseTimer
+from ssdd.settings import DistillConfig
 from ssdd.teacher.load import FeatureExtractor
 
 CONFIGS = {

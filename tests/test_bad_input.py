@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 
 from ssdd import artifacts
-from ssdd.artifacts import save_distilled, save_encoder, save_tensors
+from ssdd.artifacts import save_encoder, save_tensors
+from ssdd.distilled_set import save_arrays
 from ssdd.cli import main
 from ssdd.data import ImageSet, save_dataset
 from ssdd.models import build
 
-import ssdd.pipeline  # noqa: E402,F401  (import cost paid at collection, not in the first case)
+import ssdd.run  # noqa: E402,F401  (import cost paid at collection, not in the first case)
 
 
 ARTIFACT_SUFFIXES = (".safetensors", ".json", ".csv", ".md", ".png", ".pt")
@@ -251,7 +252,7 @@ def test_info_truncated_file(tmp_path, capsys):
 
 def test_truncated_distilled_set(tmp_path, capsys):
     f = tmp_path / "distilled.safetensors"
-    save_distilled(f, torch.randn(5, 1, 16, 16), torch.randn(5, 8), {"method": "krr_st"})
+    save_arrays(f, torch.randn(5, 1, 16, 16), torch.randn(5, 8), {"method": "krr_st"})
     truncate(f)
     expect_error(["pretrain", "--distilled", f, "--out", tmp_path / "o", *TINY_PRETRAIN], capsys, tmp_path, str(f))
 
@@ -364,7 +365,7 @@ def test_encoder_file_given_as_source(tmp_path, capsys, data):
 
 def test_info_on_distilled_set(tmp_path, capsys):
     f = tmp_path / "distilled.safetensors"
-    save_distilled(f, torch.randn(5, 1, 16, 16), torch.randn(5, 8), {"method": "krr_st"})
+    save_arrays(f, torch.randn(5, 1, 16, 16), torch.randn(5, 8), {"method": "krr_st"})
     expect_error(["info", f], capsys, tmp_path, str(f))
 
 
@@ -473,7 +474,7 @@ def test_distilled_set_with_nan(tmp_path, capsys):
     f = tmp_path / "nan.safetensors"
     x = torch.randn(5, 1, 16, 16)
     x[2, 0, 3, 3] = float("nan")
-    save_distilled(f, x, torch.randn(5, 8), {"method": "krr_st"})
+    save_arrays(f, x, torch.randn(5, 8), {"method": "krr_st"})
     expect_error(["pretrain", "--distilled", f, "--out", tmp_path / "o", *TINY_PRETRAIN], capsys, tmp_path, str(f),
                  "NaN")
 
@@ -858,7 +859,7 @@ def test_prepare_source_out_parent_is_a_file(tmp_path, capsys):
 
 def test_pretrain_out_is_a_file(tmp_path, capsys):
     f = tmp_path / "distilled.safetensors"
-    save_distilled(f, torch.randn(5, 1, 16, 16), torch.randn(5, 8), {"method": "krr_st"})
+    save_arrays(f, torch.randn(5, 1, 16, 16), torch.randn(5, 8), {"method": "krr_st"})
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
     expect_error(["pretrain", "--distilled", f, "--out", blocker, *TINY_PRETRAIN], capsys, tmp_path, str(blocker))

@@ -16,15 +16,16 @@ from ssdd import artifacts, precision
 from ssdd.models import auto_precision
 from ssdd.checkpoint import Hooks
 from ssdd.cli import main
-from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
 from ssdd.determinism import configure
 from ssdd.distill import DistillContext, distill_krr_st, random_index, registry
-from ssdd.distill.check import heldout_batches
-from ssdd.distill.krr_st import outer_grads
+from ssdd.distill.engines.krr import outer_grads
+from ssdd.distill.engines.krr_engine import KrrStConfig
+from ssdd.distill.methods.krr_st import heldout_batches
 from ssdd.errors import Stopped
 from ssdd.models import build
+from ssdd.settings import DistillConfig
 from ssdd.teacher import FeatureExtractor
 
 from test_methods import tiny_args, tiny_npz
@@ -163,8 +164,8 @@ def test_a_krr_st_step_waits_for_the_gpu_at_most_twice(source, teacher):
 
 def test_compiled_pool_reuses_its_graph_across_models_and_seeds(source):
     """S12: re-initialised pool models and a second seed hit the compiled graph (no recompiles)."""
-    from ssdd.distill.krr_st import _forward
-    from ssdd.distill.pool import ModelPool
+    from ssdd.distill.engines.krr_engine import _forward
+    from ssdd.distill.engines.pool import ModelPool
     from ssdd.models.inference import CompiledCall
 
     torch._dynamo.reset()

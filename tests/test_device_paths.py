@@ -10,14 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from ssdd import artifacts, distributed, pipeline
-from ssdd.config import DistillConfig, KrrStConfig
+from ssdd import artifacts, distributed
+from ssdd import run as pipeline
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data.augment import check_generator, crop_flip
+from ssdd.distill.engines.krr_engine import KrrStConfig
 from ssdd.errors import UserError
 from ssdd.loss_log import StepLog
 from ssdd.models.inference import CompiledCall
 from ssdd.models.pooling import GlobalAvgPool
+from ssdd.settings import DistillConfig
 
 DRAWS = ("randint", "rand", "randn", "randperm", "normal", "multinomial", "bernoulli")
 
@@ -59,7 +61,7 @@ def test_crop_flip_draws_on_its_generators_device_and_moves_the_result():
 
 
 def test_heldout_batches_take_a_cpu_generator(monkeypatch):
-    from ssdd.distill.check import heldout_batches
+    from ssdd.distill.methods.krr_st import heldout_batches
 
     data = ImageSet(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8))
     cfg = DistillConfig(batch=4, krr_st=KrrStConfig(check_batches=2))

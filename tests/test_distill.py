@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from ssdd.config import DistillConfig, KrrStConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.distill import DistillContext, Hooks, distill_krr_st, random_index
+from ssdd.distill.engines.krr_engine import KrrStConfig
 from ssdd.models import build
+from ssdd.settings import DistillConfig
 from ssdd.teacher import FeatureExtractor
 
 SPEC = {"arch": "convnet", "in_channels": 1, "image_size": 16, "out_dim": 6, "widths": [4, 8], "pool": "gap"}

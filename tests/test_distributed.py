@@ -195,10 +195,10 @@ def test_torchrun_pipeline_gives_the_single_process_results(tmp_path):
     for a, b in zip(rows1, rows2):
         assert {k: v for k, v in a.items() if k != "accuracy"} == {k: v for k, v in b.items() if k != "accuracy"}
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
-    from ssdd import artifacts
+    from ssdd import distilled_set
     for name in ("krr_st.safetensors", "krr_st.seed1.safetensors"):
-        x1, y1, _ = artifacts.load_distilled(tmp_path / "one" / "distilled" / name)
-        x2, y2, _ = artifacts.load_distilled(tmp_path / "two" / "distilled" / name)
+        x1, y1, _ = distilled_set.load_arrays(tmp_path / "one" / "distilled" / name)
+        x2, y2, _ = distilled_set.load_arrays(tmp_path / "two" / "distilled" / name)
         assert_close(x2, x1, 1e-4)  # after a 1-epoch teacher trained in two processes too
         assert_close(y2, y1, 1e-4)
     leftovers = [p.name for p in (tmp_path / "two").rglob("*") if "scratch" in p.name or p.name.endswith(".tmp")]
@@ -265,8 +265,8 @@ def test_two_jobs_on_one_folder_the_second_refused_the_first_intact(tmp_path):
 def experts_run() -> dict:
     from test_mkdt import make_ctx
 
-    from ssdd.distill.experts import train_experts
-    import ssdd.distill.experts as experts
+    from ssdd.distill.methods.mkdt import train_experts
+    import ssdd.distill.engines.experts as experts
 
     trained = []
     original = experts.train_expert
@@ -297,8 +297,7 @@ def test_experts_split_over_ranks_give_the_single_process_trajectories():
 def mkdt_run() -> dict:
     from test_mkdt import make_ctx
 
-    from ssdd.distill.experts import train_experts
-    from ssdd.distill.mkdt import distill_mkdt
+    from ssdd.distill.methods.mkdt import distill_mkdt, train_experts
 
     experts = train_experts(make_ctx(experts={"count": 2, "epochs": 3, "batch": 8}))
     ctx = make_ctx(prep={"experts": experts}, experts={"count": 2, "epochs": 3, "batch": 8},

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from ssdd import loss_log
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set
 from ssdd.cli import main
-from ssdd.config import DistillConfig, DsaConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data import siamese_augment as aug
 from ssdd.distill import Hooks
-from ssdd.distill import dm as dm_mod
-from ssdd.distill.dm import class_means, distill_dm, mean_embedding_distance
-from ssdd.distill.dsa import distill_dsa, gradient_distance, loops
-from ssdd.distill.per_class import balanced_start
+from ssdd.distill.engines.per_class import balanced_start
+from ssdd.distill.methods import dm as dm_mod
+from ssdd.distill.methods.dm import class_means, distill_dm, mean_embedding_distance
+from ssdd.distill.methods.dsa import DsaConfig, distill_dsa, gradient_distance, loops
 from ssdd.distill.registry import DistillContext, SourceLabels, random_index
 from ssdd.errors import Stopped, UserError
+from ssdd.settings import DistillConfig, load_config
 from test_methods import tiny_args, tiny_npz
 
 SPEC = {"arch": "convnet", "in_channels": 3, "image_size": 16, "widths": [4, 8], "pool": "flatten",
@@ -103,6 +103,15 @@ def test_single_operation_flip_and_unknown_strategy():
         assert torch.equal(out[i], x[i].flip(2) if params.flip[i] else x[i])
     with pytest.raises(UserError, match="distill.dm.augment"):
         aug.parse_strategy("color_zoom", "distill.dm.augment")
+
+
+@pytest.mark.parametrize("method", ["dm", "dsa"])
+def test_an_unknown_augmentation_is_refused_when_the_config_loads(method):
+    """Before, a typo in distill.dm.augment / distill.dsa.augment surfaced after prepare and the teacher."""
+    with pytest.raises(UserError, match=f"^config: distill.{method}.augment: unknown augmentation 'colour'") as err:
+        load_config("demo", {f"distill.{method}.augment": "colour"})
+    assert "\n" not in str(err.value)
+    assert getattr(load_config("demo", {f"distill.{method}.augment": "none"}).distill, method).augment == "none"
 
 
 def test_balanced_start_spreads_m_over_the_classes():
@@ -193,7 +202,7 @@ def test_a_run_through_the_pipeline_leaves_a_checked_labelled_set(tmp_path, meth
     extra = ["distill.dsa.outer_loop=2", "distill.dsa.inner_loop=1"]  # exercise the network training in between
     args = tiny_args(src, [src], [method], seeds=1) + [x for pair in extra for x in ("--set", pair)]
     assert main(["run", "--out", str(out), "--until", "distill", *args]) == 0
-    images, targets, meta = artifacts.load_distilled(out / "distilled" / f"{method}.safetensors")
+    images, targets, meta = distilled_set.load_arrays(out / "distilled" / f"{method}.safetensors")
     assert images.shape == (6, 3, 16, 16) and torch.isfinite(images).all()
     assert meta["objective"] == "cross_entropy" and meta["method"] == method and len(meta["losses"]) == 2
     labels = artifacts.load_tensors(out / "data" / "source_labels.safetensors")[0]["labels"]

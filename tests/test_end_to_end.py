@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ssdd.artifacts import load_distilled, load_encoder
+from ssdd.artifacts import load_encoder
+from ssdd.distilled_set import load_arrays
 from ssdd.cli import main
 
 SMALL = ["--set", "teacher.epochs=1", "--set", "distill.krr_st.steps=15", "--set", "distill.krr_st.pool_max_age=5",
@@ -18,17 +19,17 @@ def test_demo_pipeline_contract(tmp_path, caplog):
     caplog.set_level("INFO", logger="ssdd")
     out = tmp_path / "demo"
     assert main(["run", "--preset", "demo", "--out", str(out), "--no-progress", *SMALL]) == 0
-    images, targets, meta = load_distilled(out / "distilled" / "krr_st.safetensors")
+    images, targets, meta = load_arrays(out / "distilled" / "krr_st.safetensors")
     assert images.shape == (100, 1, 32, 32) and targets.shape[0] == 100
     assert meta["image_space"] == "normalized" and meta["steps"] == 15 and meta["seed"] == 0
     for key in ("source", "teacher", "mean", "std", "ssdd_version", "fingerprint", "init_index", "heldout_check"):
         assert key in meta
     # seeds vary the distillation: seed 1 starts from another draw, and random_subset is each seed's start
-    meta1 = load_distilled(out / "distilled" / "krr_st.seed1.safetensors")[2]
+    meta1 = load_arrays(out / "distilled" / "krr_st.seed1.safetensors")[2]
     assert meta1["init_index"] != meta["init_index"]
     for k, m in ((0, meta), (1, meta1)):
         name = "random_subset" + (f".seed{k}" if k else "")
-        assert load_distilled(out / "distilled" / f"{name}.safetensors")[2]["init_index"] == m["init_index"]
+        assert load_arrays(out / "distilled" / f"{name}.safetensors")[2]["init_index"] == m["init_index"]
     for method in ("krr_st", "krr_st.seed1", "random_subset", "no_pretrain", "full_ssl"):
         _, emeta = load_encoder(out / "encoders" / f"{method}.safetensors")
         assert "arch" in emeta["model_spec"]
@@ -54,4 +55,4 @@ def test_demo_pipeline_contract(tmp_path, caplog):
     log = caplog.text
     assert log.count("skipped") == 2 and "distill  done" in log
     assert "random_subset seed 0: exists" in log  # only the changed method is redone
-    assert load_distilled(out / "distilled" / "krr_st.safetensors")[2]["steps"] == 16
+    assert load_arrays(out / "distilled" / "krr_st.safetensors")[2]["steps"] == 16

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 import ssdd
-from ssdd.artifacts import load_distilled, load_encoder, read_meta, save_distilled
+from ssdd.artifacts import load_encoder, read_meta
+from ssdd.distilled_set import load_arrays, save_arrays
 from ssdd.cli import main
 
 import test_cli_errors
@@ -59,7 +60,7 @@ def test_import_krr_st_then_pretrain(tmp_path, capsys):
     code, lines = run_cli(["import", tmp_path / "krr" / "x_syn.pt", tmp_path / "krr" / "y_syn.pt", "--format", "krr_st",
                            "--out", out], capsys)
     assert code == 0, lines
-    images, targets, meta = load_distilled(out)
+    images, targets, meta = load_arrays(out)
     assert torch.equal(images, x) and torch.equal(targets, y)
     assert meta["objective"] == "mse" and meta["image_space"] == "reference" and meta["lr"] is None
     assert meta["method"] == "krr_c100" and len(meta["mean"]) == 3 and len(meta["std"]) == 3
@@ -85,7 +86,7 @@ def test_import_krr_st_folder_with_labels(tmp_path, capsys):
     krr_st_files(tmp_path / "dm", labels=True)
     out = tmp_path / "dm.safetensors"
     assert run_cli(["import", tmp_path / "dm", "--format", "krr_st", "--out", out], capsys)[0] == 0
-    _, targets, meta = load_distilled(out)
+    _, targets, meta = load_arrays(out)
     assert meta["objective"] == "cross_entropy" and targets.shape == (12, 3)
     assert torch.equal(targets.argmax(1), torch.arange(12) % 3) and torch.equal(targets.sum(1), torch.ones(12))
 
@@ -99,7 +100,7 @@ def test_import_mkdt_normalised_with_lr_then_pretrain(tmp_path, capsys):
     code, lines = run_cli(["import", tmp_path / "mkdt", "--format", "mkdt", "--out", out, "--mean", *MEAN,
                            "--std", *STD], capsys)
     assert code == 0, lines
-    images, targets, meta = load_distilled(out)
+    images, targets, meta = load_arrays(out)
     assert torch.equal(images, x) and torch.equal(targets, y)  # the folder's last iteration (500)
     assert meta["image_space"] == "normalized" and meta["objective"] == "mse"
     assert meta["mean"] == pytest.approx(MEAN) and meta["std"] == pytest.approx(STD)
@@ -117,7 +118,7 @@ def test_import_npz_detects_space_and_labels(tmp_path, capsys):
     np.savez(raw, images=rng.random((8, 3, 8, 8), dtype=np.float32), labels=np.arange(8) % 4, lr=np.float32(0.05))
     out = tmp_path / "raw.safetensors"
     assert run_cli(["import", raw, "--format", "npz", "--out", out], capsys)[0] == 0
-    _, targets, meta = load_distilled(out)
+    _, targets, meta = load_arrays(out)
     assert meta["image_space"] == "reference" and "within [0, 1]" in meta["imported_from"]["image_space"]
     assert meta["objective"] == "cross_entropy" and targets.shape == (8, 4) and meta["lr"] == pytest.approx(0.05)
 
@@ -126,7 +127,7 @@ def test_import_npz_detects_space_and_labels(tmp_path, capsys):
     code, lines = run_cli(["import", normed, "--format", "npz", "--out", out], capsys)
     assert_one_line_error(code, lines, "normalised")
     assert run_cli(["import", normed, "--format", "npz", "--out", out, "--mean", "0.5", "--std", "0.25"], capsys)[0] == 0
-    _, targets, meta = load_distilled(out)
+    _, targets, meta = load_arrays(out)
     assert meta["image_space"] == "normalized" and meta["mean"] == [0.5] * 3 and meta["std"] == [0.25] * 3
     assert meta["objective"] == "cross_entropy" and targets.shape == (8, 5)  # one-hot rows
     assert run_cli(["import", normed, "--format", "npz", "--out", out, "--image-space", "raw"], capsys)[0] == 0
@@ -135,7 +136,7 @@ def test_import_npz_detects_space_and_labels(tmp_path, capsys):
     pixels = tmp_path / "pixels.npz"  # uint8 channels-last pixels, real-valued targets
     np.savez(pixels, images=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), targets=rng.standard_normal((6, 4)))
     assert run_cli(["import", pixels, "--format", "npz", "--out", out], capsys)[0] == 0
-    images, _, meta = load_distilled(out)
+    images, _, meta = load_arrays(out)
     assert images.shape == (6, 3, 8, 8) and meta["objective"] == "mse" and meta["image_space"] == "reference"
 
 
@@ -149,7 +150,7 @@ def test_import_imagefolder_class_folders(tmp_path, capsys):
             Image.fromarray(a).save(tmp_path / "set" / cls / f"{i}.png")
     out = tmp_path / "folder.safetensors"
     assert run_cli(["import", tmp_path / "set", "--format", "imagefolder", "--out", out], capsys)[0] == 0
-    images, targets, meta = load_distilled(out)
+    images, targets, meta = load_arrays(out)
     assert images.shape == (6, 3, 8, 8) and meta["class_names"] == ["cat", "dog"]
     assert meta["objective"] == "cross_entropy" and targets.argmax(1).tolist() == [0, 0, 0, 1, 1, 1]
     assert meta["image_space"] == "reference"
@@ -180,10 +181,10 @@ def _set(path, space):
     images = pixels if space == "reference" else \
         (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     targets = torch.randn(7, 5, generator=gen)
-    save_distilled(path, images, targets, {"method": "mine", "objective": "mse", "lr": 0.02, "image_space": space,
-                                           "mean": mean, "std": std, "fingerprint": "abc",
-                                           "model_spec": {"arch": "convnet", "in_channels": 3, "image_size": 8,
-                                                          "widths": [8], "pool": "gap", "out_dim": 5}})
+    save_arrays(path, images, targets, {"method": "mine", "objective": "mse", "lr": 0.02, "image_space": space,
+                                        "mean": mean, "std": std, "fingerprint": "abc",
+                                        "model_spec": {"arch": "convnet", "in_channels": 3, "image_size": 8,
+                                                       "widths": [8], "pool": "gap", "out_dim": 5}})
     return images, targets, std
 
 
@@ -199,7 +200,7 @@ def test_export_import_round_trip(tmp_path, capsys, space):
         assert np.array_equal(z["targets"], targets.numpy())
     back = tmp_path / "back.safetensors"
     assert run_cli(["import", folder, "--format", "imagefolder", "--out", back], capsys)[0] == 0
-    images2, targets2, meta = load_distilled(back)
+    images2, targets2, meta = load_arrays(back)
     assert meta["image_space"] == space and meta["objective"] == "mse" and meta["lr"] == pytest.approx(0.02)
     assert meta["model_spec"]["widths"] == [8] and "fingerprint" not in meta
     assert torch.equal(targets2, targets)
@@ -216,7 +217,7 @@ def test_export_import_round_trip(tmp_path, capsys, space):
     npz = tmp_path / "mine.npz"
     assert run_cli(["export", src, "--format", "npz", "--out", npz], capsys)[0] == 0
     assert run_cli(["import", npz, "--format", "npz", "--out", back], capsys)[0] == 0
-    images3, targets3, meta3 = load_distilled(back)
+    images3, targets3, meta3 = load_arrays(back)
     assert torch.equal(images3, images) and torch.equal(targets3, targets) and meta3["image_space"] == space
     assert meta3["original_method"] == "mine" and meta3["lr"] == pytest.approx(0.02)
     assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob(".*old"))
@@ -262,7 +263,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case):
     torch.save(torch.zeros(5, 4), krr / "y_syn_short.pt")
     np.savez(tmp_path / "a.npz", targets=np.zeros((3, 2)))
     np.savez(tmp_path / "b.npz", images=np.zeros((3, 1, 4, 4), np.float32), targets=np.full((3, 2), 2, np.int64))
-    save_distilled(out, torch.zeros(2, 1, 4, 4), torch.zeros(2, 3), {"method": "m"})
+    save_arrays(out, torch.zeros(2, 1, 4, 4), torch.zeros(2, 3), {"method": "m"})
     target = tmp_path if case == "out_is_folder" else tmp_path / "new.safetensors"
     code, lines = run_cli([*args, "--out", target], capsys)
     assert_one_line_error(code, lines, needle)

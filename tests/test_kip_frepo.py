@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set
 from ssdd.cli import main
-from ssdd.config import DistillConfig, FrepoConfig, KipConfig
 from ssdd.data import ImageSet, Normalizer, load_dataset
-from ssdd.distill import DistillContext, Hooks, frepo as frepo_module, random_index
-from ssdd.distill.kip import class_balanced_index, feature_models, kip, kip_loss, kip_predict, random_features
+from ssdd.distill import DistillContext, Hooks, random_index
+from ssdd.distill.engines.labels import centred_one_hot
+from ssdd.distill.methods import frepo as frepo_module
+from ssdd.distill.methods.frepo import FrepoConfig
+from ssdd.distill.methods.kip import KipConfig, class_balanced_index, feature_models, kip, kip_loss, kip_predict, random_features
 from ssdd.distill.registry import SourceLabels
 from ssdd.errors import Stopped
+from ssdd.settings import DistillConfig
 from test_methods import tiny_args, tiny_npz
 
 SPEC = {"arch": "convnet", "in_channels": 3, "image_size": 16, "widths": [4, 8], "pool": "flatten",
@@ -137,7 +140,7 @@ def test_kip_and_frepo_leave_checked_cross_entropy_sets(tmp_path):
     source = load_dataset(out / "data" / "source_train.safetensors")
     norm = Normalizer(*source.mean_std())
     for name in ("kip", "frepo"):
-        images, targets, meta = artifacts.load_distilled(out / "distilled" / f"{name}.safetensors")
+        images, targets, meta = distilled_set.load_arrays(out / "distilled" / f"{name}.safetensors")
         index = meta["init_index"]
         assert images.shape == (6, 3, 16, 16) and torch.isfinite(images).all(), name
         assert meta["objective"] == "cross_entropy" and meta["steps"] == 3 and len(meta["losses"]) == 3, name
@@ -157,7 +160,7 @@ def test_one_hot_rows_made_on_the_device_equal_the_host_ones_and_feature_models_
     index = torch.tensor([3, 0, 17, 39, 3])
     assert torch.equal(labels.one_hot(index, "cpu"), labels.one_hot(index))
     assert labels.on("cpu") is labels.on(torch.device("cpu"))  # kept, not copied per call
-    targets = frepo_module.centred_one_hot(labels, "cpu")(index)
+    targets = centred_one_hot(labels, "cpu")(index)
     assert torch.equal(targets, labels.one_hot(index) - 0.25)
     torch.manual_seed(1)
     state = torch.get_rng_state()

@@ -3,8 +3,7 @@
 import numpy as np
 import torch
 
-from ssdd.distill.krr import krr_st_loss, ridge_predict
-from ssdd.distill.krr_st import outer_loss
+from ssdd.distill.engines.krr import krr_st_loss, outer_loss, ridge_predict
 from ssdd.models import build
 
 
@@ -100,7 +99,7 @@ def test_outer_loss_gradients_match_finite_differences():
 
 def test_spd_solve_matches_float64_solve_and_its_gradients():
     """Cholesky solve (with its hand-written backward) against torch.linalg.solve, value and gradients."""
-    from ssdd.distill.krr import spd_solve
+    from ssdd.distill.engines.krr import spd_solve
 
     torch.manual_seed(3)
     g = torch.randn(9, 5, dtype=torch.float64)
@@ -122,7 +121,7 @@ def test_spd_solve_matches_float64_solve_and_its_gradients():
 
 def test_spd_solve_falls_back_to_lu_when_cholesky_fails():
     """An indefinite matrix: Cholesky reports failure; the LU fallback still solves it, gradients too."""
-    from ssdd.distill.krr import spd_solve
+    from ssdd.distill.engines.krr import spd_solve
 
     a = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64, requires_grad=True)  # eigenvalues 3, -1
     b = torch.tensor([[1.0], [0.0]], dtype=torch.float64, requires_grad=True)
@@ -160,7 +159,7 @@ def _outer_setup(m=12, n=9, dtype=torch.float64, widths=(4, 6)):
 def test_fast_outer_gradients_equal_plain_autograd_single_pass_and_chunked():
     """The three-part gradient (features, ridge, backward), in one pass and chunk by chunk (m = 10,000's
     path), equals autograd through the plain loss expression; the pool weights get no gradient."""
-    from ssdd.distill.krr_st import outer_grads
+    from ssdd.distill.engines.krr import outer_grads
 
     model, x_s, y_s, x_r, t_r = _outer_setup()
     xs, ys = x_s.clone().requires_grad_(True), y_s.clone().requires_grad_(True)
@@ -181,7 +180,7 @@ def test_bf16_outer_step_stays_close_to_fp32():
     to fp32. The solve's backward must stay fp32 (under the enclosing autocast it ran in bf16: cosines
     0.91 / 0.82 here). The whole bf16 step (teacher and real features in bf16 too) is checked at the
     paper config against the reference code by ``benchmarks/step_speed.py --check``."""
-    from ssdd.distill.krr_st import outer_grads
+    from ssdd.distill.engines.krr import outer_grads
 
     torch.manual_seed(5)
     spec = {"arch": "convnet", "in_channels": 3, "image_size": 16, "out_dim": 8, "pool": "flatten"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set
 from ssdd.cli import main
 from ssdd.config import PretrainConfig
 from ssdd.models import build
@@ -36,7 +36,7 @@ def test_random_subset_labeled_keeps_the_paired_draw_and_its_labels(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--until", "pretrain",
                  *tiny_args(src, [src], ["random_subset", "random_subset_labeled"], seeds=1)]) == 0
-    _, targets, meta = artifacts.load_distilled(out / "distilled" / "random_subset_labeled.safetensors")
+    _, targets, meta = distilled_set.load_arrays(out / "distilled" / "random_subset_labeled.safetensors")
     plain = artifacts.read_meta(out / "distilled" / "random_subset.safetensors")
     assert meta["objective"] == "cross_entropy" and meta["init_index"] == plain["init_index"]
     labels = artifacts.load_tensors(out / "data" / "source_labels.safetensors")[0]["labels"]

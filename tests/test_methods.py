@@ -3,18 +3,35 @@ pipeline and leaves a checked artifact; seeds are paired draws; compare resumes 
 what is new; fingerprints keep targets away from the teacher and distillation."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set
 from ssdd.cli import main
 from ssdd.distill import registry
 
-SET_METHODS = ["krr_st", "random_subset", "random_ssl", "kmeans", "high_loss", "mkdt", "naive_bilevel",
-               "krr_st_experts", "mkdt_aug", "random_subset_labeled", "mtt", "kip", "frepo", "dm", "dsa"]
+SET_METHODS = [name for name in registry.names() if registry.get(name).kind == "set"]
+ENCODER_METHODS = [name for name in registry.names() if registry.get(name).kind == "encoder"]
+
+
+def smoke_settings() -> dict[str, object]:
+    """The tiny settings every set method declares next to itself: its module's ``SMOKE`` dict (the smallest
+    values of the config sections that module owns). A method whose module declares none fails here, by name."""
+    settings: dict[str, object] = {}
+    for name in SET_METHODS:
+        module = sys.modules[registry.get(name).run.__module__]
+        smoke = getattr(module, "SMOKE", None)
+        assert isinstance(smoke, dict), (f"method {name}: its module {module.__name__} declares no SMOKE dict "
+                                         "(the tiny settings tests/test_methods.py runs it with)")
+        for key, value in smoke.items():
+            assert settings.get(key, value) == value, (f"{module.__name__}.SMOKE: {key}={value!r} conflicts with "
+                                                       f"{settings[key]!r}")
+            settings[key] = value
+    return settings
 
 
 def tiny_npz(path: Path, n: int = 48, seed: int = 0) -> str:
@@ -27,18 +44,8 @@ def tiny_args(src: str, targets: list[str], methods: list[str], seeds: int = 2) 
     pairs = ["data.size=16", f"data.source={src}", f"data.targets={json.dumps(targets)}", "data.heldout=8",
              "teacher.epochs=1", "teacher.batch=16", "teacher.projector=[16, 16]", "teacher.model.widths=[8, 8]",
              "model.widths=[4, 8]", "model.pool=flatten", "model.norm=instance", "distill.m=6",
-             "distill.batch=8", "distill.krr_st.steps=2", "distill.krr_st.pool_size=2", "distill.krr_st.pool_max_age=2",
-             "distill.krr_st.check_models=1", "distill.krr_st.check_batches=1", "distill.experts.count=2",
-             "distill.experts.epochs=2", "distill.experts.batch=16", "distill.mkdt.iterations=2",
-             "distill.mkdt.syn_steps=2", "distill.mkdt.span=1", "distill.mkdt.max_start_epoch=1",
-             "distill.mtt.iterations=2", "distill.mtt.syn_steps=2", "distill.mtt.span=1",
-             "distill.mtt.max_start_epoch=1", "distill.mtt.experts.count=2", "distill.mtt.experts.epochs=2",
-             "distill.mtt.experts.batch=16", "distill.mtt.lr_lr=1e-7",
-             "distill.naive_bilevel.steps=2", "distill.naive_bilevel.inner_steps=1",
-             "distill.naive_bilevel.projector=[8, 8]", "distill.kmeans.n_init=1", "distill.kip.steps=2",
-             "distill.kip.models=1", "distill.frepo.steps=2", "distill.frepo.pool_size=2",
-             "distill.frepo.pool_max_age=2", "distill.dm.iterations=2", "distill.dm.batch_real=4",
-             "distill.dsa.iterations=2", "distill.dsa.batch_real=4", "pretrain.epochs=2",
+             "distill.batch=8", *(f"{key}={json.dumps(value)}" for key, value in smoke_settings().items()),
+             "pretrain.epochs=2",
              "pretrain.batch=8", f"evaluate.seeds={seeds}", "evaluate.protocols=[\"linear\"]",
              "evaluate.linear_fractions=[0.25]", "evaluate.linear_draws=1", "evaluate.linear_c_grid=[1.0]",
              "evaluate.validation=0.0", "evaluate.probe_features=flatten", f"methods={json.dumps(methods)}"]
@@ -50,7 +57,7 @@ def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("methods")
     src = tiny_npz(tmp / "src.npz")
     out = tmp / "run"
-    methods = SET_METHODS + ["no_pretrain", "full_ssl"]
+    methods = SET_METHODS + ENCODER_METHODS
     assert main(["compare", "--out", str(out), *tiny_args(src, [src], methods)]) == 0
     return out, src, methods
 
@@ -60,7 +67,7 @@ def test_every_method_leaves_a_checked_artifact_per_seed(full_run):
     out, _, methods = full_run
     for name in SET_METHODS:
         for k, suffix in ((0, ""), (1, ".seed1")):
-            images, targets, meta = artifacts.load_distilled(out / "distilled" / f"{name}{suffix}.safetensors")
+            images, targets, meta = distilled_set.load_arrays(out / "distilled" / f"{name}{suffix}.safetensors")
             assert images.shape == (6, 3, 16, 16) and torch.isfinite(images).all(), name
             assert meta["method"] == name and meta["seed"] == k and meta["fingerprint"]
             if meta["objective"] == "barlow_twins":
@@ -103,7 +110,7 @@ def test_compare_reuses_finished_methods_and_adding_a_target_keeps_teacher_and_s
 
 
 def test_two_targets_with_one_stem_do_not_overwrite(tmp_path):
-    from ssdd.pipeline import unique_target_names
+    from ssdd.layout import unique_target_names
 
     names = unique_target_names(["npz:a/data.npz", "npz:b/data.npz", "digits"])
     assert len(set(names.values())) == 3 and names["digits"] == "digits"
@@ -117,16 +124,18 @@ def test_unknown_method_is_refused_before_work(tmp_path, capsys):
     assert not (tmp_path / "o" / "data").exists()
 
 
-def test_registry_knows_every_method_once():
-    assert set(SET_METHODS + ["no_pretrain", "full_ssl"]) == set(registry.names())
-    assert all(registry.get(n).kind == "set" for n in SET_METHODS)
+def test_every_registered_method_is_run_and_declares_its_smoke_settings():
+    assert set(SET_METHODS + ENCODER_METHODS) == set(registry.names())  # no other kind slips past the run above
+    assert {"no_pretrain", "full_ssl"} <= set(ENCODER_METHODS) and {"krr_st", "random_subset"} <= set(SET_METHODS)
+    assert all(registry.get(n).run is None for n in ENCODER_METHODS)
+    assert smoke_settings()  # every set method's module declares SMOKE (fails naming the method otherwise)
 
 
 def test_kmeans_takes_the_real_image_nearest_each_centroid():
-    from ssdd.config import DistillConfig
+    from ssdd.settings import DistillConfig
     from ssdd.data import ImageSet, Normalizer
     from ssdd.distill import DistillContext, random_index
-    from ssdd.distill.subsets import kmeans
+    from ssdd.distill.methods.subsets import kmeans
 
     # two tight clusters in teacher space (the teacher reads the mean pixel): one image from each
     images = torch.cat([torch.full((10, 1, 4, 4), 10, dtype=torch.uint8), torch.full((10, 1, 4, 4), 240, dtype=torch.uint8)])

@@ -8,14 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from ssdd.config import DistillConfig, ExpertsConfig, MkdtConfig
 from ssdd.data import ImageSet, Normalizer
-from ssdd.distill.experts import expert_seed, flat_params, load_flat_params, train_expert, train_experts, unflatten_params
-from ssdd.distill.mkdt import distill_mkdt, high_loss_subset
+from ssdd.distill.engines.experts import ExpertsConfig, train_expert
+from ssdd.distill.engines.seeding import expert_seed
+from ssdd.distill.engines.trajectory import (flat_params, load_flat_params, minibatches, trajectory_matching_loss,
+                                            unflatten_params, unrolled_params)
+from ssdd.distill.methods.mkdt import MkdtConfig, distill_mkdt, high_loss_subset, train_experts
 from ssdd.distill.registry import DistillContext, Hooks, get, get_prep
-from ssdd.distill.trajectory import minibatches, trajectory_matching_loss, unrolled_params
 from ssdd.errors import Stopped, UserError
 from ssdd.models import build
+from ssdd.settings import DistillConfig, load_config
 from ssdd.teacher import FeatureExtractor
 
 D = 6
@@ -232,7 +234,7 @@ def test_mkdt_resume_is_identical(experts_prep):
 
 def test_mkdt_batchnorm_student_and_bad_settings():
     prep = {"experts": train_experts(make_ctx(0, experts={"count": 1}))}
-    with pytest.raises(UserError, match="not available"):
+    with pytest.raises(UserError, match="distill.mkdt.init must be high_loss or random"):  # a config made in code
         distill_mkdt(make_ctx(0, prep=prep, mkdt={"init": "krr_st"}))
     with pytest.raises(UserError, match="distill.mkdt.lr_images"):
         distill_mkdt(make_ctx(0, prep=prep, mkdt={"lr_images": 1e30, "lr_targets": 1e30}))
@@ -241,6 +243,15 @@ def test_mkdt_batchnorm_student_and_bad_settings():
     ctx.prep = {"experts": train_experts(ctx)}
     out = distill_mkdt(ctx)
     assert torch.isfinite(out.images).all() and out.lr != 0.1
+
+
+def test_mkdt_init_and_epochs_are_checked_when_the_config_loads():
+    """``init = "krr_st"`` used to pass the config and fail only after the teacher and the experts had run."""
+    with pytest.raises(UserError, match=r"^--set: distill.mkdt.init must be one of high_loss, random, got 'krr_st'$"):
+        load_config("demo", {"distill.mkdt.init": "krr_st"})
+    with pytest.raises(UserError, match="distill.mkdt.max_start_epoch \\+ distill.mkdt.span = 9 needs experts"):
+        load_config("demo", {"distill.mkdt.max_start_epoch": "7", "distill.experts.epochs": "3"})
+    assert load_config("demo", {"distill.mkdt.init": "random"}).distill.mkdt.init == "random"
 
 
 # ---------------------------------------------------------------- losses read in batches, memory check, RNG
@@ -291,7 +302,7 @@ def test_mkdt_losses_and_lr_curve_do_not_depend_on_how_often_they_are_read(exper
 
 
 def test_unroll_cost_arithmetic():
-    from ssdd.distill.mkdt import UnrollCost
+    from ssdd.distill.engines.unroll_memory import UnrollCost
 
     cost = UnrollCost(fixed=2e9, per_step=1e8, per_image=4e6)
     assert cost.need(40, 1000) == 2e9 + 40 * (1e8 + 1000 * 4e6)
@@ -304,7 +315,7 @@ def test_unroll_cost_arithmetic():
 
 
 def test_mkdt_refuses_an_iteration_that_cannot_fit_before_any_expert_work(monkeypatch):
-    from ssdd.distill import mkdt as mkdt_mod
+    from ssdd.distill.engines import unroll_memory as mkdt_mod
 
     cost = mkdt_mod.UnrollCost(fixed=0.0, per_step=0.0, per_image=4e6)  # ~4 MB per image per unrolled step
     monkeypatch.setattr(mkdt_mod, "unroll_cost", lambda *args: cost)
@@ -334,7 +345,7 @@ def test_mkdt_refuses_an_iteration_that_cannot_fit_before_any_expert_work(monkey
 def test_cpu_memory_estimate_counts_activations_and_parameters():
     import torch.nn.functional as F
 
-    from ssdd.distill import mkdt as mkdt_mod
+    from ssdd.distill.engines import unroll_memory as mkdt_mod
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(128, 3))
     assert mkdt_mod.activation_elements(model, (1, 8, 8), "cpu") == 2 * 8 * 8 + 3  # in-place and views once
@@ -348,7 +359,7 @@ def test_cpu_memory_estimate_counts_activations_and_parameters():
 
 
 def test_seeded_builds_leave_every_global_generator_alone(monkeypatch):
-    from ssdd.distill.experts import build_seeded
+    from ssdd.distill.engines.seeding import build_seeded
 
     torch.manual_seed(5)
     torch.manual_seed(42)
@@ -366,7 +377,7 @@ def test_seeded_builds_leave_every_global_generator_alone(monkeypatch):
 def test_the_pipeline_refuses_mkdt_memory_before_training_any_expert(monkeypatch, tmp_path, capsys):
     """The run's preflight asks every stale method first: the refusal comes before hours of experts."""
     from ssdd.cli import main
-    from ssdd.distill import mkdt as mkdt_mod
+    from ssdd.distill.engines import unroll_memory as mkdt_mod
     from test_methods import tiny_args, tiny_npz
 
     monkeypatch.setattr(mkdt_mod, "unroll_cost", lambda *args: mkdt_mod.UnrollCost(0.0, 0.0, 4e6))

@@ -69,7 +69,7 @@ def test_compiled_call_falls_back_to_eager_when_compiling_fails(caplog):
 @pytest.mark.slow
 def test_compiled_pool_step_matches_eager():
     """The compiled SGD step (one graph for every pool model) trains a model as the eager one does."""
-    from ssdd.distill.pool import ModelPool
+    from ssdd.distill.engines.pool import ModelPool
     from ssdd.models.inference import CompiledCall
 
     spec = {"arch": "convnet", "in_channels": 1, "image_size": 8, "out_dim": 2, "widths": [4], "pool": "gap"}

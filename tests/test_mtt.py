@@ -11,17 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set
 from ssdd.cli import main
-from ssdd.config import DistillConfig, ExpertsConfig, MttConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data.dataset import load_dataset
-from ssdd.distill.experts import build_seeded, expert_seed, flat_params, kd_task, train_expert
-from ssdd.distill.mtt import classifier_task, distill_mtt, train_ce_experts
+from ssdd.distill.engines.experts import ExpertsConfig, kd_task, train_expert
+from ssdd.distill.engines.seeding import build_seeded, expert_seed
+from ssdd.distill.engines.trajectory import flat_params, trajectory_matching_loss, unflatten_params, unrolled_params
+from ssdd.distill.methods.mtt import MttConfig, classifier_task, distill_mtt, train_ce_experts
 from ssdd.distill.registry import DistillContext, Hooks, SourceLabels, get, get_prep
-from ssdd.distill.trajectory import trajectory_matching_loss, unflatten_params, unrolled_params
 from ssdd.errors import Stopped, UserError
 from ssdd.models import build
+from ssdd.settings import DistillConfig
 from ssdd.teacher import FeatureExtractor
 from test_methods import tiny_args, tiny_npz
 
@@ -223,7 +224,7 @@ def test_mtt_through_the_pipeline(tmp_path):
     args = tiny_args(src, [src], ["mtt"], seeds=1) + ["--set", "distill.mtt.iterations=3",
                                                        "--set", "distill.mtt.syn_steps=3"]
     assert main(["run", "--out", str(out), "--until", "distill", *args]) == 0
-    images, targets, meta = artifacts.load_distilled(out / "distilled" / "mtt.safetensors")
+    images, targets, meta = distilled_set.load_arrays(out / "distilled" / "mtt.safetensors")
     assert images.shape == (6, 3, 16, 16) and torch.isfinite(images).all()
     assert meta["objective"] == "cross_entropy" and meta["method"] == "mtt"
     assert targets.shape == (6, 4) and torch.equal(targets.sum(1), torch.ones(6))

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from ssdd import loss_log
-from ssdd.config import DistillConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.distill.diagnose import gradient_stats, grad_variance, write_grad_variance
-from ssdd.distill.naive_bilevel import naive_bilevel
+from ssdd.distill.methods.naive_bilevel import naive_bilevel
 from ssdd.distill.registry import DistillContext, Hooks, random_index
 from ssdd.errors import Stopped, UserError
 from ssdd.models import build
+from ssdd.settings import DistillConfig
 from ssdd.teacher import FeatureExtractor
 
 SPEC = {"arch": "convnet", "in_channels": 1, "image_size": 16, "out_dim": 6, "widths": [4, 8], "pool": "gap"}
@@ -92,7 +92,7 @@ def test_write_grad_variance_writes_json_and_png(tmp_path):
 
 
 def test_losses_read_in_batches_resume_and_leave_the_cuda_generators_alone(monkeypatch):
-    from ssdd.distill.naive_bilevel import fresh_net
+    from ssdd.distill.methods.naive_bilevel import fresh_net
 
     full = naive_bilevel(context())
     monkeypatch.setattr(loss_log, "read_every", lambda device: 2)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssdd.distill.pool import ModelPool
+from ssdd.distill.engines.pool import ModelPool
 
 SPEC = {"arch": "convnet", "in_channels": 1, "image_size": 8, "out_dim": 2, "widths": [2], "pool": "gap"}
 

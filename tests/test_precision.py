@@ -10,9 +10,9 @@ import torch
 
 from ssdd import precision
 from ssdd.models import auto_precision
-from ssdd.pipeline import run_networks
-from ssdd.config import load_config
+from ssdd.run import run_networks
 from ssdd.errors import UserError
+from ssdd.settings import load_config
 
 NETS = {"convnet": dict(auto_precision.DEFAULT_NETWORK)}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssdd.artifacts import load_distilled
+from ssdd.distilled_set import load_arrays
 from ssdd.cli import main
 from ssdd.models import build
 from ssdd.models.resnet import torchvision_key_map
@@ -35,7 +35,7 @@ def test_paper_presets_start(preset, size, tmp_path):
     args = ["run", "--preset", preset, "--out", str(out), "--no-progress", "--until", "distill",
             "--set", f"data.source={spec}", "--set", f"data.targets=[\"{spec}\"]", *TINY]
     assert main(args) == 0
-    images, targets, meta = load_distilled(out / "distilled" / "krr_st.safetensors")
+    images, targets, meta = load_arrays(out / "distilled" / "krr_st.safetensors")
     assert images.shape == (6, 3, size, size) and targets.shape == (6, 512)  # ResNet-18 teacher: 512-d
     resolved = json.loads((out / "config.distill.json").read_text())["config"]
     assert resolved["distill"]["batch"] == 8 and resolved["teacher"]["model"]["arch"] == "resnet18"
@@ -70,11 +70,11 @@ def test_solo_learn_resnet18_checkpoint_distils(tmp_path):
     torch.save({"state_dict": torchvision_layout(ours), "epoch": 3}, ckpt)
     code, out = run_distill_with_teacher(tmp_path, ckpt, ["--set", "teacher.model.arch=resnet18"])
     assert code == 0
-    _, targets, _ = load_distilled(out / "distilled" / "random_subset.safetensors")
+    _, targets, _ = load_arrays(out / "distilled" / "random_subset.safetensors")
     # The random-subset targets are the teacher's features of real images: same weights, same numbers.
     from ssdd.data import load_dataset, Normalizer
     src = load_dataset(out / "data" / "source_train.safetensors")
-    _, _, meta = load_distilled(out / "distilled" / "random_subset.safetensors")
+    _, _, meta = load_arrays(out / "distilled" / "random_subset.safetensors")
     x = Normalizer(*src.mean_std())(src.images[meta["init_index"]])
     with torch.no_grad():
         torch.testing.assert_close(targets, ours.features(x), rtol=1e-4, atol=1e-4)
@@ -87,7 +87,7 @@ def test_torchscript_teacher(tmp_path):
     path = tmp_path / "teacher.pt"
     torch.jit.script(net).save(str(path))
     code, out = run_distill_with_teacher(tmp_path, path)
-    assert code == 0 and load_distilled(out / "distilled" / "krr_st.safetensors")[1].shape == (6, 7)
+    assert code == 0 and load_arrays(out / "distilled" / "krr_st.safetensors")[1].shape == (6, 7)
 
 
 def test_teacher_with_wrong_keys_is_refused(tmp_path, capsys):

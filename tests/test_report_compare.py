@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set
 from ssdd.compare import compare_table, read_paper_table, write_compare
 from ssdd.errors import UserError
 from ssdd.report import heldout_markdown, results_markdown, write_report
@@ -75,8 +75,8 @@ def test_write_report_reads_distilled_sets(tmp_path):
     for name, x, meta in (("krr_st", images + 0.1, {"losses": [3.0, 2.0, 1.0], "heldout_check": check}),
                           ("krr_st.seed1", images, {}), ("random_subset", images, {}),
                           ("kmeans", images, {"init_index": [0, 1, 2]})):
-        artifacts.save_distilled(tmp_path / "distilled" / f"{name}.safetensors", x, torch.zeros(3, 2),
-                                 {"method": name, "init_index": [4, 1, 7], "image_space": "reference", **meta})
+        distilled_set.save_arrays(tmp_path / "distilled" / f"{name}.safetensors", x, torch.zeros(3, 2),
+                                  {"method": name, "init_index": [4, 1, 7], "image_space": "reference", **meta})
     text = write_report(tmp_path).read_text()
     assert "figures/distilled_vs_initial.png" in text and "figures/distill_loss.png" in text
     assert "kmeans_vs_initial" not in text and "seed1" not in text  # another start; a later seed

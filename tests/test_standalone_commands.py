@@ -6,7 +6,8 @@ import json
 import numpy as np
 import torch
 
-from ssdd.artifacts import load_encoder, save_distilled
+from ssdd.artifacts import load_encoder
+from ssdd.distilled_set import save_arrays
 from ssdd.cli import main
 from ssdd.data import load_dataset
 
@@ -35,7 +36,7 @@ def test_pretrain_then_evaluate_from_files(tmp_path):
     torch.manual_seed(0)
     distilled = tmp_path / "set.safetensors"
     spec = {"arch": "convnet", "in_channels": 3, "image_size": 32, "widths": [8, 8], "pool": "gap", "out_dim": 0}
-    save_distilled(distilled, torch.randn(10, 3, 32, 32), torch.randn(10, 5), {"method": "mine", "model_spec": spec})
+    save_arrays(distilled, torch.randn(10, 3, 32, 32), torch.randn(10, 5), {"method": "mine", "model_spec": spec})
     common = ["--no-progress", "--set", "evaluate.seeds=2", "--set", "pretrain.epochs=2"]
     assert main(["pretrain", "--distilled", str(distilled), "--out", str(tmp_path / "p"), *common]) == 0
     encoders = sorted((tmp_path / "p" / "encoders").glob("*.safetensors"))

@@ -4,7 +4,8 @@ import torch
 
 from ssdd.data.augment import apply_crop_flip
 from ssdd.distill import Hooks, distill_krr_st
-from ssdd.distill.teacher_cache import CachedTeacher, teacher_views
+from ssdd.distill.engines.krr_engine import CachedTeacher
+from ssdd.distill.methods.teacher_views import teacher_views
 from ssdd.errors import Stopped
 
 from test_distill import context, setup

@@ -12,10 +12,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -79,6 +80,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to fill; on success rename it onto ``path``, so a crash never
+    leaves a half-written folder. A folder already at ``path`` is moved aside first and put back if the
+    rename fails; whether it may be replaced at all is the caller's decision. Under torchrun only rank 0
+    writes (the other ranks fill a scratch folder that is thrown away), as in :func:`atomic_path`."""
+    if not _writer():
+        with tempfile.TemporaryDirectory(prefix="ssdd-rank-scratch-") as scratch:
+            (Path(scratch) / Path(path).name).mkdir()
+            yield Path(scratch) / Path(path).name
+        return
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        raise UserError(f"{out}: cannot write into {out.parent} ({err.strerror or err})") from None
+    old = None
+    try:
+        yield tmp
+        if out.exists():  # moved aside, put back if the rename fails
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)
+        if isinstance(err, OSError):
+            raise UserError(f"{out}: write failed ({err.strerror or err})") from None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -172,23 +209,6 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in _header(path).items() if k != "__metadata__"}
 
 
-# ---- distilled sets -------------------------------------------------------------------
-
-def save_distilled(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor, meta: dict[str, Any]) -> None:
-    save_tensors(path, {"images": images.float(), "targets": targets.float()}, {"kind": "distilled_set", **meta})
-
-
-def load_distilled(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    tensors, meta = load_tensors(path, required=("images", "targets"))
-    images, targets = tensors["images"], tensors["targets"]
-    if images.ndim != 4 or targets.ndim != 2 or len(images) != len(targets):
-        raise UserError(f"{path}: expected images (m,C,H,W) and targets (m,d), got "
-                        f"{tuple(images.shape)} and {tuple(targets.shape)}")
-    if not (torch.isfinite(images).all() and torch.isfinite(targets).all()):
-        raise UserError(f"{path}: distilled set holds NaN or inf values")
-    return images, targets, meta
-
-
 # ---- encoders -------------------------------------------------------------------------
 
 def save_encoder(path: str | os.PathLike, model: torch.nn.Module, spec: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -220,7 +240,7 @@ def _checkpoint_records(folder: Path, name: str) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any], fingerprint: str, keep: int = 2,
-                    device: str | None = None) -> Path:
+                    device: str | None = None, inputs: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint so that a kill at any instant leaves at most ``keep`` of them and at least
     the previous intact one: prune first, then the record (its SHA-256), then the data it describes.
     ``device`` (cpu, cuda) is recorded: device generators keep a different state on each kind."""
@@ -239,23 +259,27 @@ def save_checkpoint(folder: str | os.PathLike, name: str, state: dict[str, Any],
             old.unlink(missing_ok=True)
     write_json(path.with_suffix(".json"), {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "step": step,
                                            "fingerprint": fingerprint, "ssdd_version": ssdd.__version__,
-                                           **({"device": device} if device else {})})
+                                           **({"device": device} if device else {}),
+                                           **({"inputs": inputs} if inputs is not None else {})})
     write_bytes(path, data)
     return path
 
 
-def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str,
-                    device: str | None = None) -> dict[str, Any] | None:
-    """The newest intact checkpoint of this config, or None; a checkpoint of another config, or one written
-    on another kind of device (``device``: cpu, cuda), is an error."""
+def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: str, device: str | None = None,
+                    why: Callable[[dict[str, Any] | None], str] | None = None,
+                    accept: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The newest intact checkpoint of this config, or None; a checkpoint of another config (the error says
+    what changed: ``why(its recorded inputs)``), or one written on another kind of device (``device``: cpu,
+    cuda), is an error. ``accept``: other fingerprints of the same inputs (written before inputs were recorded)."""
     for step, meta_path in _checkpoint_records(Path(folder), name):
         try:
             meta = json.loads(meta_path.read_text())
             data = meta_path.with_suffix(".pt").read_bytes()
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("fingerprint") != fingerprint:
-            raise UserError(f"{meta_path}: a {name} checkpoint of a different config is in this --out folder; "
+        if meta.get("fingerprint") != fingerprint and meta.get("fingerprint") not in accept:
+            changed = f" ({why(meta.get('inputs'))})" if why is not None else ""
+            raise UserError(f"{meta_path}: a {name} checkpoint of a different config is in this --out folder{changed}; "
                             "use another --out, or delete its *.ckpt-* files to start over")
         if device and meta.get("device", device) != device:
             raise UserError(f"{meta_path}: this {name} checkpoint was written on {meta['device']} and cannot resume "

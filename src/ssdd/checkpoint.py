@@ -42,15 +42,19 @@ class Hooks:
 class Checkpointer:
     """Periodic checkpoints of one loop in its output folder (every N steps and every M minutes)."""
 
-    def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float, device: str | None = None):
+    def __init__(self, out: Path, stage: str, fingerprint: str, every: int, minutes: float, device: str | None = None,
+                 inputs: dict | None = None, accept: tuple[str, ...] = (),
+                 why: Callable[[dict | None], str] | None = None):
         """``device``: the kind (cpu, cuda) the loop runs on, recorded so that a resume on another kind is
-        refused with one line (device generators keep a different state on each)."""
+        refused with one line (device generators keep a different state on each). ``inputs``: the unit's
+        inputs, recorded in each checkpoint; ``why(recorded inputs)`` says what changed when a checkpoint is
+        refused; ``accept``: older fingerprints of the same inputs (checkpoints written before inputs were recorded)."""
         self.out, self.stage, self.fingerprint, self.every, self.minutes = out, stage, fingerprint, every, minutes
-        self.device = device
+        self.device, self.inputs, self.accept, self.why = device, inputs, accept, why
         self.last = time.monotonic()
 
     def load(self) -> dict | None:
-        state = artifacts.load_checkpoint(self.out, self.stage, self.fingerprint, self.device)
+        state = artifacts.load_checkpoint(self.out, self.stage, self.fingerprint, self.device, self.why, self.accept)
         if state is not None:
             log.info("%-8s resuming from the checkpoint at step %d", self.stage, state["step"])
         return state
@@ -62,7 +66,7 @@ class Checkpointer:
         return False
 
     def save(self, state: dict) -> None:
-        artifacts.save_checkpoint(self.out, self.stage, state, self.fingerprint, device=self.device)
+        artifacts.save_checkpoint(self.out, self.stage, state, self.fingerprint, device=self.device, inputs=self.inputs)
 
     def clear(self) -> None:
         artifacts.clear_checkpoints(self.out, self.stage)

@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from ssdd.interop import export_set
             export_set(args.distilled, args.format, args.out)
             return 0
-        from ssdd import pipeline
+        from ssdd import run as commands
         from ssdd.allocator import keep_freed_memory
-        from ssdd.config import load_config, parse_overrides
+        from ssdd.config import parse_overrides
+        from ssdd.settings import load_config
 
         keep_freed_memory()
 
@@ -150,31 +151,30 @@ def main(argv: list[str] | None = None) -> int:
             if not args.format:
                 raise UserError("prepare: --format is required with a SOURCE (cifar10, cifar100, imagefolder, "
                                 "imagenet64, npz, bundled)")
-            pipeline.prepare_file(args.source, args.format, args.size, args.out, args.split, args.max_per_class)
+            commands.prepare_file(args.source, args.format, args.size, args.out, args.split, args.max_per_class)
         elif args.command == "pretrain" and args.distilled:
-            pipeline.pretrain_file(cfg, args.distilled, args.out, args.device, progress)
+            commands.pretrain_file(cfg, args.distilled, args.out, args.device, progress)
         elif args.command == "evaluate" and args.targets and not args.encoder:
             raise UserError("evaluate: --encoder is required with --targets (an encoder artifact, or 'none')")
         elif args.command == "evaluate" and args.encoder:
             if not args.targets:
                 raise UserError("evaluate: --targets is required with --encoder")
-            pipeline.evaluate_files(cfg, args.encoder, args.targets, args.out, args.device, progress)
+            commands.evaluate_files(cfg, args.encoder, args.targets, args.out, args.device, progress)
         elif args.command == "compare":
-            from ssdd import compare
             if args.methods:
                 cfg.methods = list(args.methods)
-            compare.run_compare(cfg, args.out, args.paper_table, args.device, progress)
+            commands.run_compare(cfg, args.out, args.paper_table, args.device, progress)
         elif args.command == "diagnose":
             if args.draws < 2:
                 raise UserError(f"--draws must be at least 2, got {args.draws}")
-            pipeline.diagnose_grad_variance(cfg, args.out, args.draws, args.device, progress)
+            commands.diagnose_grad_variance(cfg, args.out, args.draws, args.device, progress)
         elif args.command in ("run", "demo"):
-            pipeline.run_pipeline(cfg, args.out, until=getattr(args, "until", None), device=args.device,
+            commands.run_pipeline(cfg, args.out, until=getattr(args, "until", None), device=args.device,
                                   progress=progress)
         elif args.command == "distill" and args.teacher:
-            pipeline.run_pipeline(cfg, args.out, until="distill", device=args.device, progress=progress)
+            commands.run_pipeline(cfg, args.out, until="distill", device=args.device, progress=progress)
         else:
-            pipeline.run_pipeline(cfg, args.out, only=args.command, device=args.device, progress=progress)
+            commands.run_pipeline(cfg, args.out, only=args.command, device=args.device, progress=progress)
         logging.getLogger("ssdd").info("all done in %.1f s; artifacts in %s", time.perf_counter() - start, args.out)
         return 0
     except UserError as err:

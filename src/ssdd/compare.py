@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -377,34 +376,3 @@ def write_compare(out_dir: str | Path, rows: list[dict], methods: Iterable[str] 
 
 
 # ---- orchestration: `ssdd compare` --------------------------------------------------------
-
-def run_compare(cfg: Any, out: str | Path, paper_table: str | Path | None = None, device: str = "auto",
-                progress: bool = True, baseline: str = "random_subset") -> Path:
-    """Run whatever the configured methods still miss in ``out`` (each finished method, seed, encoder
-    and evaluation is reused, an interrupted one resumes), then write the comparison table."""
-    import time
-
-    from ssdd import pipeline
-    from ssdd.distill import registry
-
-    if paper_table is not None:
-        read_paper_table(paper_table)  # a bad file fails before hours of work
-    if baseline not in cfg.methods:
-        raise UserError(f"compare: the baseline '{baseline}' must be among the methods ({', '.join(cfg.methods)})")
-    out, start = Path(out), time.perf_counter()
-    run = pipeline.Run(cfg, out, device, progress)
-    run.run()
-    times = artifacts.read_json(out / "timings.json") if (out / "timings.json").is_file() else {}
-    wall: dict[str, Any] = {}
-    for name in cfg.methods:
-        method = registry.get(name)
-        if method.kind != "set":
-            continue
-        parts = {f"distill ({len(run.seeds())} seeds)": sum(times.get(f"distill/{name}/seed{k}", 0.0) for k in run.seeds())}
-        for prep in run.active_preps(method):
-            parts[f"{prep} (shared)"] = times.get(f"prep/{prep}", 0.0)
-        wall[name] = parts
-    path = write_compare(out, artifacts.read_json(out / "results.json"), cfg.methods, baseline, paper_table, wall,
-                         pipeline.INTERVAL_NOTE)
-    logging.getLogger("ssdd").info("compare: %s (this invocation %.1f s)", path, time.perf_counter() - start)
-    return path

@@ -1,8 +1,19 @@
 """Typed configuration: defaults in dataclasses, presets as TOML files, typed overrides.
 
-One source of truth for every default: the dataclasses below. A preset only lists what
-differs; ``--set key=value`` overrides must match the default's type, and unknown keys are
-rejected with the list of valid ones.
+One source of truth for every default: the dataclasses. A preset only lists what differs; ``--set
+key=value`` overrides must match the default's type, and unknown keys are rejected with the list of
+valid ones.
+
+Who owns what. This module holds the core sections (data, model, teacher, the options every
+distillation method shares, pretrain, evaluate), the fingerprint roles, and the machinery: typed
+assignment, the checks, and the collection of method sections. Each method's own section lives with
+the method (``ssdd/distill/methods/<name>.py``, or the engine whose parameter set it is), with its
+``ROLES``, its ``CHOICES`` and its ``check(at, distill)``, and is handed over by its registration,
+``register(name, config=Section)``, which calls :func:`add_section`. This module never imports
+``ssdd.distill`` (``data/``, ``models/`` and ``teacher/`` import it), so it cannot know the sections by
+itself: :mod:`ssdd.settings`, a layer above both, imports ``ssdd.distill`` (every method module) and then
+:func:`assemble` builds the whole ``DistillConfig`` and ``Config`` as plain dataclasses. Make configs
+with :func:`ssdd.settings.load_config`; every check, core and method, runs there, before any work.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 try:
     import tomllib
@@ -21,6 +32,66 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from ssdd.errors import UserError
+
+# ---- how each key counts in fingerprints (ssdd.fingerprint) -----------------------------------
+
+NO_NEUTRAL = type("NoNeutral", (), {"__repr__": lambda self: "NO_NEUTRAL"})()  # in the first fingerprinted schema
+
+
+@dataclass(frozen=True)
+class Role:
+    """How a config key enters the fingerprints of the units that read it.
+
+    ``affects``: "result" (hashed), "numerics" (changes rounding only) or "meta" (changes neither the numbers
+    nor what a unit computes); the last two are recorded in artifacts, not hashed. ``neutral``: the value that
+    reproduces ssdd's behaviour from before the key existed; a value equal to it is left out of fingerprints,
+    so adding a key with a neutral default redoes nothing. Every key added from now on needs one."""
+
+    affects: str = "result"
+    neutral: Any = NO_NEUTRAL
+
+
+RESULT, NUMERICS, META = Role(), Role("numerics"), Role("meta")
+
+
+def neutral(value: Any) -> Role:
+    """A result key whose ``value`` is what ssdd did before the key existed."""
+    return Role("result", value)
+
+
+def roles(results: str, **others: Role) -> dict[str, Role]:
+    """A dataclass's ``ROLES``: the space-separated ``results`` are plain result keys, ``others`` the rest."""
+    table = {name: RESULT for name in results.split()}
+    table.update(others)
+    return table
+
+
+def positive(at: str, section: Any, names: str) -> None:
+    """Refuse a value <= 0 of any of the space-separated ``names`` of ``section`` (the table at key ``at``)."""
+    for name in names.split():
+        value = getattr(section, name)
+        if value <= 0:
+            raise UserError(f"config: {at}.{name} must be positive, got {value}")
+
+
+def nonnegative(at: str, section: Any, names: str) -> None:
+    """Refuse a negative value of any of the space-separated ``names`` of ``section`` (at key ``at``)."""
+    for name in names.split():
+        value = getattr(section, name)
+        if value < 0:
+            raise UserError(f"config: {at}.{name} must be 0 or more, got {value}")
+
+
+def roles_of(cls: type) -> dict[str, Role]:
+    """``cls.ROLES``, checked to name every field of ``cls`` exactly (a key without a role is a bug)."""
+    table = getattr(cls, "ROLES", None)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if table is None or set(table) != set(names):
+        missing = sorted(set(names) - set(table or {}))
+        extra = sorted(set(table or {}) - set(names))
+        raise TypeError(f"{cls.__name__}.ROLES must give every field a fingerprint role "
+                        f"(missing: {missing}, unknown: {extra})")
+    return table
 
 
 @dataclass
@@ -31,6 +102,9 @@ class ModelConfig:
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     pool: str = "gap"  # convnet: "gap" (global average) or "flatten" (the paper's ConvNet)
     norm: str = "batch"  # convnet: "batch" (KRR-ST's ConvNet) or "instance" (MKDT's; no running statistics)
+    ROLES: ClassVar[dict[str, Role]] = roles("arch widths pool", norm=neutral("batch"))
+    # a section's allowed values of a string key, checked when a preset or --set assigns it
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"pool": ("gap", "flatten"), "norm": ("batch", "instance")}
 
 
 @dataclass
@@ -41,6 +115,7 @@ class DataConfig:
     heldout: int = 500  # source images never used to train teacher or distillation
     targets: list[str] = field(default_factory=lambda: ["digits"])
     target_max_per_class: int = 0  # cap on each target's labelled train images per class; 0 = all
+    ROLES: ClassVar[dict[str, Role]] = roles("source size heldout targets", source_max_per_class=neutral(0), target_max_per_class=neutral(0))
 
 
 @dataclass
@@ -59,190 +134,27 @@ class TeacherConfig:
     redundancy_weight: float = 5e-3  # Barlow Twins lambda
     min_crop_scale: float = 0.2
     hue: float = 0.1  # colour-jitter hue (RGB only); kornia's hue op dominates augmentation time on CPU
+    ROLES: ClassVar[dict[str, Role]] = roles("model epochs batch optimizer lr momentum weight_decay projector redundancy_weight min_crop_scale hue",
+                                           path=neutral(""), extra_sources=neutral([]))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"optimizer": ("sgd", "adamw")}
 
 
 @dataclass
-class KrrStConfig:
-    """KRR-ST (DESIGN.md, "KRR-ST, exactly")."""
+class DistillCommon:
+    """The options every distillation method shares (``distill.m`` ...; part of every set's fingerprint).
 
-    steps: int = 160_000
-    lr_images: float = 1e-4
-    lr_targets: float = 1e-4
-    final_lr_ratio: float = 1e-3
-    ridge: float = 1e-6  # lambda = ridge * trace(K_ss)
-    pool_size: int = 10
-    pool_max_age: int = 1000
-    pool_reset: str = "fixed"  # "fixed": age counter reset on re-init; "reference": never reset
-    pool_lr: float = 0.1
-    pool_momentum: float = 0.9
-    pool_weight_decay: float = 1e-3
-    check_batches: int = 4  # held-out real batches for the held-out loss check (first seed)
-    check_models: int = 4
-    # speed (none of these changes the maths beyond rounding, except where said)
-    chunk: int = 2000  # synthetic images per pass; larger sets run chunk by chunk (same gradient; the
-    #                    pool's SGD step then takes BatchNorm statistics per chunk): bounds memory at m = 10,000
-    fold_bn: bool = True  # fold BatchNorm into the convolutions of eval-mode passes (teacher; the picked pool model)
-    compile: str = "auto"  # torch.compile the teacher and the pool models' passes: "on", "off", "auto" = on from 1000
-    #                        steps (compiling takes ~0.5-1 min on a CPU and saves ~15 % of a paper-size step)
-    teacher_cache_views: int = 0  # >0: teacher features of this many fixed crop/flip views per source image, computed
-    #                               once and sampled from then on. CHANGES THE SAMPLING (K views instead of fresh ones)
+    The whole ``distill`` table, :class:`ssdd.settings.DistillConfig`, subclasses this with one field per
+    method section (``distill.krr_st``, ``distill.dm``, ...), each declared by its method's module; annotate
+    with this class where only the shared options matter."""
 
-
-@dataclass
-class ExpertsConfig:
-    """Knowledge-distillation experts (MKDT stage 1): students regressing the teacher's features of
-    the un-augmented source, parameters saved at init and after every epoch. (MTT's classifier experts
-    use the same fields under ``distill.mtt.experts``.)"""
-
-    count: int = 10
-    epochs: int = 5  # only epochs 0 .. max_start_epoch + span are ever read
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch: int = 256
-    augment: bool = False  # crop/flip views (targets from the teacher on the same view): augmentation-consistent experts
-
-
-@dataclass
-class MkdtConfig:
-    """MKDT (../shared/methods/mkdt.md): trajectory matching to the KD experts."""
-
-    iterations: int = 5000
-    syn_steps: int = 40  # N: unrolled student steps on the synthetic set per iteration
-    span: int = 2  # M: expert epochs the N steps should cover
-    max_start_epoch: int = 2
-    lr_images: float = 1e3
-    lr_targets: float = 1.0
-    lr_lr: float = 1e-4
-    lr_init: float = 0.1  # the learnable inner (and pre-training) learning rate starts here
-    momentum: float = 0.5
-    batch_syn: int = 0  # synthetic minibatch per unrolled step; 0 = the whole set
-    init: str = "high_loss"  # "high_loss" (MKDT), "random" (the paired random draw) or "krr_st"
-
-
-def _mtt_experts() -> ExpertsConfig:
-    # MTT's buffer.py: SGD lr 0.01, no momentum, no weight decay, batch 256, 100 experts (it trains 50
-    # epochs; only 0 .. max_start_epoch + span = 22 are ever read). Its DSA augmentation and ZCA are off here.
-    return ExpertsConfig(count=100, epochs=22, lr=0.01, momentum=0.0, weight_decay=0.0, batch=256)
-
-
-@dataclass
-class MttConfig:
-    """MTT (Cazenavette et al. 2022): class-balanced real images with fixed one-hot labels whose unrolled
-    cross-entropy training imitates classifier experts. Published values: ConvNet-3, 32 px, CIFAR-10, 10 per class.
-
-    Its experts have their own table (``distill.mtt.experts``, the type of ``distill.experts``): MTT's recipe
-    (optimiser, 22 epochs) differs from MKDT's, and a change to one must not redo the other's experts."""
-
-    iterations: int = 5000
-    syn_steps: int = 30  # N: unrolled student steps on the synthetic set per iteration
-    span: int = 2  # M: expert epochs the N steps should cover (MTT's expert_epochs)
-    max_start_epoch: int = 20
-    lr_images: float = 1e3  # MTT's lr_img
-    lr_lr: float = 1e-5
-    lr_init: float = 0.01  # MTT's lr_teacher: the learnable inner (and pre-training) learning rate starts here
-    momentum: float = 0.5
-    batch_syn: int = 0  # synthetic minibatch per unrolled step; 0 = the whole set (MTT's default)
-    experts: ExpertsConfig = field(default_factory=_mtt_experts)
-
-
-@dataclass
-class NaiveBilevelConfig:
-    """Naive bilevel SSL: unrolled Barlow Twins steps on augmented synthetic images."""
-
-    steps: int = 200
-    inner_steps: int = 3
-    inner_lr: float = 0.1
-    lr_images: float = 1e-2
-    redundancy_weight: float = 5e-3
-    projector: list[int] = field(default_factory=lambda: [256, 256])
-
-
-@dataclass
-class KmeansConfig:
-    """MiniBatchKMeans on teacher features; the real image nearest each centroid."""
-
-    batch_size: int = 1024
-    n_init: int = 3
-    max_iter: int = 100
-
-
-@dataclass
-class KipConfig:
-    """KIP (Nguyen et al., ICLR 2021), labelled: images whose kernel ridge regression predicts real labels;
-    here with a random-feature (NNGP-style) kernel of the ``model`` ConvNet (see ``ssdd.distill.kip``)."""
-
-    steps: int = 1000  # the KIP authors' colab: ~1000 steps or more for convergence
-    lr_images: float = 0.01  # Adam (KIP, ICLR 2021)
-    lr_labels: float = 0.01  # Adam, only with learn_labels
-    ridge: float = 1e-6  # lambda = ridge * trace(K_ss) / m (KIP)
-    models: int = 4  # freshly initialised ConvNets per step whose features make the kernel (ours; not in KIP)
-    learn_labels: bool = False  # KIP's optional label learning; the set is then stored for MSE pre-training
-
-
-@dataclass
-class FrepoConfig:
-    """FRePo (Zhou et al., NeurIPS 2022) with fixed one-hot labels, run on the KRR-ST engine (see
-    ``ssdd.distill.frepo``); the engine's speed options (chunk, fold_bn, compile) come from distill.krr_st."""
-
-    steps: int = 500_000
-    lr_images: float = 3e-4  # FRePo: LAMB at 3e-4; the engine's AdamW here
-    final_lr_ratio: float = 0.1  # FRePo decays by cosine to 0.1x; the engine decays linearly
-    ridge: float = 1e-6  # lambda = ridge * trace(K_ss) / m (FRePo)
-    pool_size: int = 10
-    pool_max_age: int = 100  # online updates before a pool model is re-initialised (FRePo)
-    pool_lr: float = 0.1  # the engine's SGD pool step (FRePo trains its pool with Adam at 3e-4)
-    pool_momentum: float = 0.9
-    pool_weight_decay: float = 1e-3
-
-
-@dataclass
-class DmConfig:
-    """DM (Zhao & Bilen, WACV 2023), labelled: per class, the mean embedding of the synthetic images matches
-    the real images' under a freshly initialised network each iteration. Published values (32 px, ConvNet-3)."""
-
-    iterations: int = 20_000
-    lr_images: float = 1.0  # SGD on the images
-    momentum: float = 0.5
-    batch_real: int = 256  # real images per class per iteration (all of a smaller class)
-    augment: str = "color_crop_cutout_flip_scale_rotate"  # DSA operations (one per class and iteration); "none"
-
-
-@dataclass
-class DsaConfig:
-    """DSA (Zhao & Bilen, ICML 2021), labelled: gradient matching with differentiable siamese augmentation.
-    Published values (32 px, ConvNet-3)."""
-
-    iterations: int = 1000
-    lr_images: float = 0.1  # SGD on the images
-    momentum: float = 0.5
-    batch_real: int = 256  # real images per class per outer step (all of a smaller class)
-    net_lr: float = 0.01  # SGD of the network between outer steps
-    net_momentum: float = 0.0  # the DC/DSA script's; DC's later stand-alone script uses 0.5
-    batch_train: int = 256  # synthetic images per step of that network training
-    outer_loop: int = 0  # 0 = by images per class as published: 1 -> 1, 10 -> 10, 20 -> 20, ... 50 -> 50
-    inner_loop: int = 0  # 0 = by images per class as published: 1 -> 1, 10 -> 50, 20 -> 25, 30 -> 20, 40 -> 15, 50 -> 10
-    augment: str = "color_crop_cutout_flip_scale_rotate"  # DSA operations (one per class and step); "none"
-
-
-@dataclass
-class DistillConfig:
     m: int = 1000
     batch: int = 1024  # real batch of the methods that sample one (KRR-ST, naive bilevel)
     image_space: str = "normalized"  # "normalized" or "reference" (raw [0,1] synthetic pixels)
     flip: bool = True
     crop_pad: int = 4
     target_views: int = 1  # targets = teacher features averaged over this many crop/flip views (1 = plain)
-    krr_st: KrrStConfig = field(default_factory=KrrStConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    mkdt: MkdtConfig = field(default_factory=MkdtConfig)
-    mtt: MttConfig = field(default_factory=MttConfig)
-    naive_bilevel: NaiveBilevelConfig = field(default_factory=NaiveBilevelConfig)
-    kmeans: KmeansConfig = field(default_factory=KmeansConfig)
-    dm: DmConfig = field(default_factory=DmConfig)
-    dsa: DsaConfig = field(default_factory=DsaConfig)
-    kip: KipConfig = field(default_factory=KipConfig)
-    frepo: FrepoConfig = field(default_factory=FrepoConfig)
+    ROLES: ClassVar[dict[str, Role]] = roles("m batch image_space flip crop_pad", target_views=neutral(1))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"image_space": ("normalized", "reference")}
 
 
 @dataclass
@@ -253,6 +165,7 @@ class PretrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-3
+    ROLES: ClassVar[dict[str, Role]] = roles("epochs batch lr momentum weight_decay", archs=META)  # each encoder unit names its arch
 
 
 @dataclass
@@ -278,10 +191,23 @@ class EvaluateConfig:
     kd_iters: int = 2000  # protocol "kd": distillation steps on the transfer set
     kd_temperature: float = 4.0
     kd_teacher: str = ""  # a supervised classifier encoder for the target; empty = trained here (model.arch)
+    ROLES: ClassVar[dict[str, Role]] = roles("protocols linear_fractions linear_draws validation linear_c_grid finetune_fractions finetune_iters "
+                                           "finetune_batch finetune_lr finetune_momentum finetune_weight_decay finetune_flip "
+                                           "finetune_crop_pad test_split kd_iters kd_temperature",
+                                           seeds=META, probe_features=neutral("gap"), kd_teacher=neutral(""))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"probe_features": ("gap", "flatten")}
+
+
+def _whole_config_only() -> DistillCommon:
+    raise TypeError("ssdd.config.Config lacks the method sections: make configs with ssdd.settings "
+                    "(load_config, or its Config)")
 
 
 @dataclass
 class Config:
+    """The root of the config tree. Its ``distill`` here is typed by the shared options only; the class to
+    instantiate is :class:`ssdd.settings.Config`, this class with the whole ``distill`` (see :func:`assemble`)."""
+
     seed: int = 0
     # the methods to distil, pre-train, evaluate and report, in table order (see ssdd.distill.registry)
     methods: list[str] = field(default_factory=lambda: ["krr_st", "random_subset", "no_pretrain", "full_ssl"])
@@ -294,24 +220,61 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # pool models and students
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillCommon = field(default_factory=_whole_config_only)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ROLES: ClassVar[dict[str, Role]] = roles("seed data model teacher distill pretrain evaluate", methods=META, checkpoint_every=META,
+                                           checkpoint_minutes=META, deterministic=NUMERICS,
+                                           precision=META)  # the resolved precision is a unit input of its own
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("auto", "fp32", "bf16")}
 
 
-CHOICES = {
-    "precision": ("auto", "fp32", "bf16"),
-    "distill.krr_st.pool_reset": ("fixed", "reference"),
-    "distill.krr_st.compile": ("auto", "on", "off"),
-    "distill.mkdt.init": ("high_loss", "random", "krr_st"),
-    "distill.image_space": ("normalized", "reference"),
-    "model.pool": ("gap", "flatten"),
-    "model.norm": ("batch", "instance"),
-    "teacher.model.norm": ("batch", "instance"),
-    "evaluate.probe_features": ("gap", "flatten"),
-    "teacher.optimizer": ("sgd", "adamw"),
-    "teacher.model.pool": ("gap", "flatten"),
-}
+# ---- method sections: declared beside their methods, collected here ----------------------------
+
+_SECTIONS: dict[str, type] = {}  # name -> the dataclass of distill.<name>
+_ASSEMBLED: dict[str, tuple[type, type]] = {}  # module -> (DistillConfig, Config), once assemble() ran
+
+
+def add_section(name: str, cls: type) -> None:
+    """Record ``cls`` as the type of ``distill.<name>``: :func:`ssdd.distill.registry.register` and
+    ``register_prep`` call this for ``config=cls``. ``cls`` is a dataclass whose fields all have defaults and
+    roles (``ROLES``); it may declare ``CHOICES`` (checked when a value is assigned) and ``check(self, at,
+    distill)``, which :func:`validate` runs on every loaded config (``at`` is its key, ``"distill.dm"``;
+    nested sections are checked too, at ``"distill.mtt.experts"``), raising a one-line UserError."""
+    if _ASSEMBLED:
+        raise TypeError(f"distill.{name}: registered after the config was assembled (ssdd.settings); "
+                        "method modules belong in ssdd/distill/methods/, which ssdd.distill imports first")
+    if name in {f.name for f in dataclasses.fields(DistillCommon)} or _SECTIONS.get(name, cls) is not cls:
+        raise TypeError(f"distill.{name}: already a key of the distill config")
+    roles_of(cls)  # every field has a fingerprint role
+    cls()  # ... and a default
+    _SECTIONS[name] = cls
+
+
+def sections() -> dict[str, type]:
+    """The registered method sections, by name."""
+    return dict(sorted(_SECTIONS.items()))
+
+
+def assemble(module: str) -> tuple[type, type]:
+    """``(DistillConfig, Config)``: :class:`DistillCommon` plus one field per registered section (sorted by
+    name), and :class:`Config` with that ``distill``. Both are plain dataclasses (named as in ``module``, which
+    exports them), so attribute access, TOML tables, ``--set``, :func:`valid_keys`, ``dataclasses.asdict`` and
+    the fingerprints' walk treat them as hand-written ones. :mod:`ssdd.settings` calls this once, after
+    importing ``ssdd.distill``; no section can be added afterwards."""
+    if module not in _ASSEMBLED:
+        found = sections()
+        distill = dataclasses.make_dataclass(
+            "DistillConfig", [(name, cls, field(default_factory=cls)) for name, cls in found.items()],
+            bases=(DistillCommon,), namespace={
+                "__module__": module, "__doc__": "The whole ``distill`` table: the shared options "
+                "(ssdd.config.DistillCommon) and one section per registered method or prep: " + ", ".join(found),
+                "ROLES": {**DistillCommon.ROLES, **{name: RESULT for name in found}}})
+        root = dataclasses.make_dataclass(
+            "Config", [("distill", distill, field(default_factory=distill))], bases=(Config,),
+            namespace={"__module__": module, "__doc__": Config.__doc__})
+        _ASSEMBLED[module] = distill, root
+    return _ASSEMBLED[module]
 
 
 def presets_dir() -> Path:
@@ -348,8 +311,8 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
-    obj = Config() if obj is None else obj
+def valid_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of the config ``obj`` (:func:`ssdd.settings.valid_keys`: of the defaults)."""
     keys = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -360,8 +323,8 @@ def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
-    """Return ``value`` converted to the type of ``default`` or raise a one-line UserError."""
+def _coerce(key: str, value: Any, default: Any, origin: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Return ``value`` converted to the type of ``default`` (and among ``choices``) or raise a one-line UserError."""
     if isinstance(value, str) and isinstance(default, str) and len(value) >= 2 and value[0] == value[-1] == '"':
         value = value[1:-1]  # --set key="text" is the same as --set key=text
     elif isinstance(value, str) and not isinstance(default, str):
@@ -384,8 +347,8 @@ def _coerce(key: str, value: Any, default: Any, origin: str) -> Any:
         ok = isinstance(value, str)
     if not ok:
         raise UserError(f"{origin}: {key} expects {type(default).__name__}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"{origin}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise UserError(f"{origin}: {key} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -398,8 +361,9 @@ def _assign(cfg: Config, key: str, value: Any, origin: str) -> None:
             break
     if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)} \
             or dataclasses.is_dataclass(getattr(obj, leaf)):
-        raise UserError(f"{origin}: unknown key '{key}' (valid keys: {', '.join(valid_keys())})")
-    setattr(obj, leaf, _coerce(key, value, getattr(obj, leaf), origin))
+        raise UserError(f"{origin}: unknown key '{key}' (valid keys: {', '.join(valid_keys(cfg))})")
+    choices = getattr(type(obj), "CHOICES", {}).get(leaf)
+    setattr(obj, leaf, _coerce(key, value, getattr(obj, leaf), origin, choices))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -412,9 +376,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the preset file, then the overrides; validated."""
-    cfg = Config()
+def load(root: type, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """``root()``'s defaults, then the preset file, then the overrides; validated (:func:`ssdd.settings.load_config`
+    calls this with the whole config class)."""
+    cfg = root()
     if preset:
         path = _preset_path(preset)
         try:
@@ -430,53 +395,26 @@ def load_config(preset: str | None = None, overrides: dict[str, Any] | None = No
 
 
 def validate(cfg: Config) -> None:
+    """The core sections' checks, then each method section's own (see :func:`add_section`)."""
     positive = {
-        "data.size": cfg.data.size, "distill.m": cfg.distill.m, "distill.krr_st.steps": cfg.distill.krr_st.steps,
-        "distill.batch": cfg.distill.batch, "distill.krr_st.pool_size": cfg.distill.krr_st.pool_size,
-        "distill.krr_st.pool_max_age": cfg.distill.krr_st.pool_max_age, "distill.target_views": cfg.distill.target_views,
-        "distill.experts.count": cfg.distill.experts.count, "distill.experts.epochs": cfg.distill.experts.epochs,
-        "distill.experts.batch": cfg.distill.experts.batch, "distill.mkdt.iterations": cfg.distill.mkdt.iterations,
-        "distill.mkdt.syn_steps": cfg.distill.mkdt.syn_steps, "distill.mkdt.span": cfg.distill.mkdt.span,
-        "distill.mkdt.max_start_epoch": cfg.distill.mkdt.max_start_epoch,
-        "distill.mtt.iterations": cfg.distill.mtt.iterations, "distill.mtt.syn_steps": cfg.distill.mtt.syn_steps,
-        "distill.mtt.span": cfg.distill.mtt.span, "distill.mtt.max_start_epoch": cfg.distill.mtt.max_start_epoch,
-        "distill.mtt.experts.count": cfg.distill.mtt.experts.count,
-        "distill.mtt.experts.epochs": cfg.distill.mtt.experts.epochs,
-        "distill.mtt.experts.batch": cfg.distill.mtt.experts.batch,
-        "distill.naive_bilevel.steps": cfg.distill.naive_bilevel.steps,
-        "distill.naive_bilevel.inner_steps": cfg.distill.naive_bilevel.inner_steps, "teacher.epochs": cfg.teacher.epochs,
+        "data.size": cfg.data.size, "distill.m": cfg.distill.m, "distill.batch": cfg.distill.batch,
+        "distill.target_views": cfg.distill.target_views, "teacher.epochs": cfg.teacher.epochs,
         "teacher.batch": cfg.teacher.batch, "pretrain.epochs": cfg.pretrain.epochs,
         "pretrain.batch": cfg.pretrain.batch, "evaluate.seeds": cfg.evaluate.seeds,
         "evaluate.finetune_iters": cfg.evaluate.finetune_iters,
         "evaluate.finetune_batch": cfg.evaluate.finetune_batch,
         "evaluate.kd_iters": cfg.evaluate.kd_iters, "evaluate.kd_temperature": cfg.evaluate.kd_temperature,
     }
-    positive.update({"data.heldout": cfg.data.heldout, "distill.krr_st.check_models": cfg.distill.krr_st.check_models,
-                     "distill.krr_st.check_batches": cfg.distill.krr_st.check_batches, "evaluate.linear_draws": cfg.evaluate.linear_draws,
+    positive.update({"data.heldout": cfg.data.heldout, "evaluate.linear_draws": cfg.evaluate.linear_draws,
                      "checkpoint_minutes": cfg.checkpoint_minutes})
-    positive.update({"distill.kip.steps": cfg.distill.kip.steps, "distill.kip.models": cfg.distill.kip.models,
-                     "distill.frepo.steps": cfg.distill.frepo.steps, "distill.frepo.pool_size": cfg.distill.frepo.pool_size,
-                     "distill.frepo.pool_max_age": cfg.distill.frepo.pool_max_age})
-    positive.update({"distill.dm.iterations": cfg.distill.dm.iterations, "distill.dm.batch_real": cfg.distill.dm.batch_real,
-                     "distill.dsa.iterations": cfg.distill.dsa.iterations, "distill.dsa.batch_real": cfg.distill.dsa.batch_real,
-                     "distill.dsa.batch_train": cfg.distill.dsa.batch_train})
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config: {key} must be positive, got {value}")
     for key, value in {"seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
-                       "distill.dsa.outer_loop": cfg.distill.dsa.outer_loop, "distill.dsa.inner_loop": cfg.distill.dsa.inner_loop,
                        "data.source_max_per_class": cfg.data.source_max_per_class,
                        "data.target_max_per_class": cfg.data.target_max_per_class}.items():
         if value < 0:
             raise UserError(f"config: {key} must be 0 or more, got {value}")
-    mkdt = cfg.distill.mkdt
-    if mkdt.max_start_epoch + mkdt.span > cfg.distill.experts.epochs:
-        raise UserError(f"config: distill.mkdt.max_start_epoch + distill.mkdt.span = {mkdt.max_start_epoch + mkdt.span} "
-                        f"needs experts of that many epochs, but distill.experts.epochs = {cfg.distill.experts.epochs}")
-    mtt = cfg.distill.mtt
-    if mtt.max_start_epoch + mtt.span > mtt.experts.epochs:
-        raise UserError(f"config: distill.mtt.max_start_epoch + distill.mtt.span = {mtt.max_start_epoch + mtt.span} "
-                        f"needs experts of that many epochs, but distill.mtt.experts.epochs = {mtt.experts.epochs}")
     if not 0 <= cfg.evaluate.validation < 0.5:
         raise UserError(f"config: evaluate.validation must be in [0, 0.5), got {cfg.evaluate.validation}")
     if not cfg.methods:
@@ -492,6 +430,21 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config: evaluate.protocols: unknown protocol '{proto}' (valid: linear, finetune, kd)")
     if not cfg.data.targets:
         raise UserError("config: data.targets must name at least one target dataset")
+    _check_sections(cfg.distill)
+
+
+def _check_sections(distill: Any) -> None:
+    """Every method section's ``check(at, distill)``, nested sections included (``distill.mtt.experts``)."""
+    def walk(obj: Any, at: str) -> None:
+        check = getattr(obj, "check", None)
+        if callable(check):
+            check(at, distill)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{at}.{f.name}")
+
+    walk(distill, "distill")
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ssdd.config import PretrainConfig, TeacherConfig
+from ssdd import distilled_set
+from ssdd.config import Config, PretrainConfig, TeacherConfig
 from ssdd.data import ImageSet, Normalizer
-from ssdd.models import Encoder, build
+from ssdd.models import Encoder, build, model_spec
 from ssdd.precision import autocast
 
 
@@ -71,3 +73,29 @@ def pretrain_ssl(images: torch.Tensor, image_norm: Normalizer, spec: dict, cfg: 
     cfg_ssl = dataclasses.replace(ssl, epochs=cfg.epochs, batch=min(ssl.batch, len(data)))
     result = train_barlow_twins(data, image_norm, cfg_ssl, seed, device, progress, spec=spec, desc=desc)
     return result.encoder, result.losses
+
+
+def arch_spec(arch: str, channels: int, size: int) -> dict:
+    """The build spec of a registered architecture (default options) for images of this shape."""
+    return {"arch": arch, "in_channels": channels, "image_size": size, "out_dim": 0}
+
+
+def pretrain_set(cfg: Config, distilled: str | Path, seed: int, device: torch.device, progress: bool = True,
+                 arch: str | None = None) -> tuple[Encoder, list[float], dict]:
+    """One encoder from one distilled set: MSE to its targets at its learned lr (or ``pretrain.lr``), or
+    Barlow Twins on its images for a self-supervised set. Returns (encoder, loss curve, spec)."""
+    found = distilled_set.load(distilled)
+    images, targets = found.images, found.targets
+    spec = found.model_spec or model_spec(cfg.model, images.shape[1], images.shape[2], targets.shape[1])
+    if arch is not None:
+        spec = arch_spec(arch, images.shape[1], images.shape[2])
+    name = f"pretrain {found.method}{'@' + arch if arch else ''} s{seed - cfg.seed}"
+    if found.objective == "barlow_twins":
+        c = images.shape[1]
+        space = (Normalizer(found.mean, found.std, device) if found.image_space == "normalized"
+                 else Normalizer([0.0] * c, [1.0] * c, device))
+        encoder, curve = pretrain_ssl(images, space, spec, cfg.pretrain, cfg.teacher, seed, device, progress, desc=name)
+        return encoder, curve, {**spec, "out_dim": 0}
+    encoder, curve = pretrain_encoder(images, targets, spec, cfg.pretrain, seed, device, progress, desc=name,
+                                      lr=float(found.lr) if found.lr is not None else None, objective=found.objective)
+    return encoder, curve, {**spec, "out_dim": targets.shape[1]}

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ssdd import artifacts
+from ssdd import artifacts, distilled_set, layout
 from ssdd.errors import UserError
 from ssdd.evaluate.stats import excludes_zero, mean_std, paired_interval, paired_values
 
@@ -153,15 +153,6 @@ HELDOUT_LABELS = {
 }
 
 
-def heldout_check_from_legacy(check: dict) -> dict:
-    """A ``distill_check.json`` of older runs in the dict form of :func:`heldout_markdown` (its
-    ``heldout_loss_random_subset`` was a copy of ``heldout_loss_init`` and is dropped)."""
-    out = {k: check[f"heldout_loss_{k}"] for k in HELDOUT_LABELS if f"heldout_loss_{k}" in check}
-    if "note" in check:
-        out["note"] = check["note"]
-    return out
-
-
 def heldout_markdown(check: dict) -> str:
     """The distillation objective on held-out real batches. Each distinct number is shown once: keys
     holding the same value are one row, so no number appears as a copy of another."""
@@ -190,22 +181,15 @@ def heldout_markdown(check: dict) -> str:
 
 
 def _read_heldout_check(out: Path) -> dict | None:
-    path = out / "distilled" / "krr_st.safetensors"
-    if path.is_file():
-        try:
-            check = artifacts.read_meta(path).get("heldout_check")
-        except UserError:
-            check = None
-        if isinstance(check, dict):
-            return check
-    legacy = out / "distill_check.json"
-    if legacy.is_file():
-        try:
-            data = artifacts.read_json(legacy)
-        except UserError:
-            return None
-        return heldout_check_from_legacy(data) if isinstance(data, dict) else None
-    return None
+    """The held-out check KRR-ST records in its first seed's set (other methods record none)."""
+    path = layout.distilled_path(out, "krr_st", 0)
+    if not path.is_file():
+        return None
+    try:
+        check = distilled_set.read_meta(path).get("heldout_check")
+    except UserError:
+        return None
+    return check if isinstance(check, dict) else None
 
 
 # ---- figures -----------------------------------------------------------------------------
@@ -226,19 +210,11 @@ def _pyplot():
 def image_grid(path: Path, distilled: Path, initial: Path, count: int = 20) -> None:
     """Distilled images (top rows) above the real images they started from (bottom rows)."""
     plt = _pyplot()
-    x, _, meta = artifacts.load_distilled(distilled)
-    x0, _, meta0 = artifacts.load_distilled(initial)
+    x, x0 = distilled_set.load(distilled).pixels(), distilled_set.load(initial).pixels()
     count = min(count, len(x), len(x0))
-
-    def to_pixels(t, m):
-        mean = np.asarray(m.get("mean", [0.0]), float).reshape(1, -1, 1, 1)
-        std = np.asarray(m.get("std", [1.0]), float).reshape(1, -1, 1, 1)
-        a = t[:count].numpy().astype(float)
-        a = a * std + mean if m.get("image_space") == "normalized" else a
-        return np.clip(a, 0, 1).transpose(0, 2, 3, 1)
-
     fig, axes = plt.subplots(2, count, figsize=(count * 0.8, 2.0), squeeze=False)
-    for row, (imgs, label) in enumerate(((to_pixels(x, meta), "distilled"), (to_pixels(x0, meta0), "initial"))):
+    for row, (imgs, label) in enumerate(((x[:count].permute(0, 2, 3, 1).numpy(), "distilled"),
+                                         (x0[:count].permute(0, 2, 3, 1).numpy(), "initial"))):
         for i in range(count):
             ax = axes[row, i]
             ax.imshow(imgs[i].squeeze(-1) if imgs.shape[-1] == 1 else imgs[i], cmap="gray", vmin=0, vmax=1)
@@ -293,28 +269,18 @@ def _read_log(path: Path, key: str) -> dict[str, list[float]]:
     return _curves(data.get(key)) if isinstance(data, dict) else {}
 
 
-def _first_seed_sets(out: Path) -> list[Path]:
-    """``distilled/<method>.safetensors`` (the first seed of each method; later seeds are ``.seed<k>``)."""
-    folder = out / "distilled"
-    return [p for p in sorted(folder.glob("*.safetensors")) if ".seed" not in p.stem] if folder.is_dir() else []
-
-
 def distill_curves(out: Path) -> dict[str, list[float]]:
     """Distillation loss curves by method (first seed): the "losses" metadata of each
-    ``distilled/<method>.safetensors``, or an older run's ``distill_log.json`` ("loss": KRR-ST).
-    Missing or unreadable files are skipped."""
+    ``distilled/<method>.safetensors``. Missing or unreadable files are skipped."""
     curves = {}
-    for path in _first_seed_sets(out):
+    for path in layout.first_seed_sets(out):
         try:
-            losses = artifacts.read_meta(path).get("losses")
+            losses = distilled_set.read_meta(path).get("losses")
         except UserError:
             continue
         found = _curves(losses)
         if "" in found:
             curves[path.stem] = found[""]
-    legacy = _read_log(out / "distill_log.json", "loss")
-    if "" in legacy and "krr_st" not in curves:
-        curves["krr_st"] = legacy[""]
     return curves
 
 
@@ -322,18 +288,14 @@ def _grids(out: Path, figures: Path) -> list[str]:
     """One image grid per distilled set that has a matching initial set (same starting indices when
     recorded); returns the markdown lines."""
     pairs = []
-    if (out / "distilled.safetensors").is_file() and (out / "random_subset.safetensors").is_file():
-        pairs.append(("krr_st", out / "distilled.safetensors", out / "random_subset.safetensors"))
-    folder = out / "distilled"
-    initial = folder / "random_subset.safetensors"
+    initial = layout.distilled_path(out, "random_subset", 0)
     if initial.is_file():
-        for path in _first_seed_sets(out):
-            if path == initial or any(p[0] == path.stem for p in pairs):
+        for path in layout.first_seed_sets(out):
+            if path == initial:
                 continue
             try:
-                meta, init_meta = artifacts.read_meta(path), artifacts.read_meta(initial)
-                shapes = artifacts.tensor_shapes(path), artifacts.tensor_shapes(initial)
-                same_shape = shapes[0].get("images") == shapes[1].get("images")
+                meta, init_meta = distilled_set.read_meta(path), distilled_set.read_meta(initial)
+                same_shape = distilled_set.image_shape(path) == distilled_set.image_shape(initial)
             except UserError:
                 continue  # not a readable distilled set: no picture
             same_start = meta.get("init_index") is not None and meta.get("init_index") == init_meta.get("init_index")
@@ -342,7 +304,10 @@ def _grids(out: Path, figures: Path) -> list[str]:
     lines = []
     for method, distilled, init in pairs:
         name = "distilled_vs_initial.png" if method == "krr_st" else f"{method}_vs_initial.png"
-        image_grid(figures / name, distilled, init)
+        try:
+            image_grid(figures / name, distilled, init)
+        except UserError:
+            continue  # a set that does not load (its checks say why): no picture
         lines += [f"![{method}: distilled (top) and the initial real images (bottom)](figures/{name})", ""]
     return lines
 
@@ -354,17 +319,17 @@ def write_report(out: str | Path, methods: Iterable[str] | None = None, interval
     ``methods``: table order (others with results follow in order of appearance). ``interval_note``:
     what varies between seeds, i.e. what the paired intervals cover. ``heldout_check``: the
     distillation's held-out check (``init``, ``distilled``, ``other_random_subset``, ``note``); when
-    None it is read from ``distilled/krr_st.safetensors`` metadata or an older ``distill_check.json``.
+    None it is read from ``distilled/krr_st.safetensors`` metadata.
     Figures and sections whose inputs are missing are left out.
     """
     out = Path(out)
-    rows = artifacts.read_json(out / "results.json")
+    rows = artifacts.read_json(layout.results_paths(out)[0])
     parts = [f"# ssdd report: `{out}`", "", "## Transfer accuracy", "",
              results_markdown(rows, methods, interval_note), ""]
     check = heldout_check if heldout_check is not None else _read_heldout_check(out)
     if check:
         parts.append(heldout_markdown(check))
-    figures = out / "figures"
+    figures = layout.figures_dir(out)
     parts += _grids(out, figures)
     curves = distill_curves(out)
     if curves:
@@ -372,11 +337,11 @@ def write_report(out: str | Path, methods: Iterable[str] | None = None, interval
         curve_plot(figures / "distill_loss.png", curves, "distillation loss (training batches)", "outer step",
                    smooth=max(1, longest // 50))
         parts += ["![distillation loss](figures/distill_loss.png)", ""]
-    pretrain = _read_log(out / "pretrain_log.json", "epoch_loss")
+    pretrain = _read_log(layout.pretrain_log_path(out), "epoch_loss")
     if pretrain:
         curve_plot(figures / "pretrain_loss.png", pretrain, "pre-training loss on the distilled sets", "epoch")
         parts += ["![pre-training loss](figures/pretrain_loss.png)", ""]
-    config_path = out / "config.evaluate.json"
+    config_path = layout.stage_config_path(out, "evaluate")
     if config_path.is_file():
         try:
             config = artifacts.read_json(config_path).get("config")
@@ -384,6 +349,6 @@ def write_report(out: str | Path, methods: Iterable[str] | None = None, interval
             config = None
         if config is not None:
             parts += ["## Configuration", "", "```json", json.dumps(config, indent=1), "```", ""]
-    path = out / "report.md"
+    path = layout.report_path(out)
     artifacts.write_bytes(path, "\n".join(parts).encode())
     return path

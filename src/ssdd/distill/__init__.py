@@ -1,24 +1,24 @@
 """Distillation methods behind one registry (see ``registry.py`` for how to add one).
 
-Importing a method's module registers it; this package imports them all.
+Methods live in ``methods/`` (one module per method or tight family, with its registrations and its
+config section), the engines they share in ``engines/`` (no registrations; never importing a method).
+Importing a method's module registers it; this package imports every module in ``methods/`` (found on
+disk, so a new method needs no line here), before :mod:`ssdd.settings` assembles the config.
 """
 
-from ssdd.distill import dm as _dm  # noqa: F401  (registration)
-from ssdd.distill import dsa as _dsa  # noqa: F401
-from ssdd.distill import experts as _experts  # noqa: F401
-from ssdd.distill import frepo as _frepo  # noqa: F401
-from ssdd.distill import kip as _kip  # noqa: F401
-from ssdd.distill import krr_st as _krr_st  # noqa: F401
-from ssdd.distill import mkdt as _mkdt  # noqa: F401
-from ssdd.distill import mtt as _mtt  # noqa: F401
-from ssdd.distill import naive_bilevel as _naive_bilevel  # noqa: F401
-from ssdd.distill import subsets as _subsets  # noqa: F401
-from ssdd.distill import teacher_cache as _teacher_cache  # noqa: F401
-from ssdd.distill import variants as _variants  # noqa: F401
-from ssdd.distill.check import heldout_batches, heldout_losses
-from ssdd.distill.krr import krr_st_loss, ridge_predict
-from ssdd.distill.krr_st import DistillResult, distill_krr_st
-from ssdd.distill.pool import ModelPool
+import importlib
+import pkgutil
+
+from ssdd.distill import methods as _methods
+
+for _found in pkgutil.iter_modules(_methods.__path__):  # importing a method module is its registration
+    if not _found.name.startswith("_"):
+        importlib.import_module(f"{_methods.__name__}.{_found.name}")
+
+from ssdd.distill.engines.krr import krr_st_loss, ridge_predict
+from ssdd.distill.engines.krr_engine import DistillResult, distill_krr_st
+from ssdd.distill.engines.pool import ModelPool
+from ssdd.distill.methods.krr_st import heldout_batches, heldout_losses
 from ssdd.distill.registry import DistillContext, DistilledSet, Hooks, get, names, random_index
 
 __all__ = ["heldout_batches", "heldout_losses", "krr_st_loss", "ridge_predict", "DistillResult",

@@ -19,8 +19,9 @@ import torch
 from ssdd import artifacts
 from ssdd.data import BatchSampler
 from ssdd.data.augment import crop_flip
-from ssdd.distill import krr_st, naive_bilevel
-from ssdd.distill.experts import seeded_cpu_rng
+from ssdd.distill.engines.krr import outer_loss as krr_st_outer_loss
+from ssdd.distill.engines.seeding import seeded_cpu_rng
+from ssdd.distill.methods import naive_bilevel
 from ssdd.distill.registry import DistillContext
 from ssdd.models import build
 
@@ -83,7 +84,7 @@ def grad_variance(ctx: DistillContext, draws: int = 16, fixed_batch: bool = Fals
         x_real, t_real = fixed if fixed is not None else real_batch()
         x_s = x0.clone().requires_grad_(True)
         y_s = y0.clone().requires_grad_(True)
-        loss = krr_st.outer_loss(krr_model, x_s, y_s, x_real, t_real, cfg.krr_st.ridge)
+        loss = krr_st_outer_loss(krr_model, x_s, y_s, x_real, t_real, cfg.krr_st.ridge)
         grads["krr_st"].append(torch.autograd.grad(loss, [x_s])[0].detach())
         x_s = x0.clone().requires_grad_(True)
         loss = naive_bilevel.outer_loss(net, x_s, x_real, t_real, cfg, view_gen)

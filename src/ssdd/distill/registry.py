@@ -1,19 +1,35 @@
 """Distillation methods by name: each returns one :class:`DistilledSet` from a :class:`DistillContext`.
 
-How to add a method (one module, one registration, one test):
+How to add a method (one module, one test):
 
-1. Write ``src/ssdd/distill/<name>.py`` with one entry point::
+1. Write ``src/ssdd/distill/methods/<name>.py`` (``ssdd.distill`` imports every module there: that
+   import is the registration) with its options, its smoke settings and one entry point
+   (``Role``, ``roles``, ``positive``, ``nonnegative`` come from :mod:`ssdd.config`; small examples:
+   ``kmeans`` in ``methods/subsets.py``, ``methods/dm.py``)::
 
-       @register("my_method", needs=("distill.my_method",), prep=("experts",))
+       @dataclass
+       class MyMethodConfig:                      # the table distill.my_method, defaults in one place
+           steps: int = 100
+           ROLES: ClassVar[dict[str, Role]] = roles("steps")   # how each key counts in fingerprints
+           CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # allowed values of string keys (optional)
+
+           def check(self, at: str, distill) -> None:          # runs when the config loads (optional)
+               positive(at, self, "steps")                     # UserError "config: distill.my_method.steps ..."
+
+       SMOKE = {"distill.my_method.steps": 2}    # tests/test_methods.py runs every method with these
+
+       @register("my_method", config=MyMethodConfig, needs=("distill.experts",), prep=("experts",))
        def my_method(ctx: DistillContext) -> DistilledSet:
            ...  # ctx.source, ctx.teacher, ctx.norm, ctx.spec, ctx.cfg, ctx.seed, ctx.init_index, ctx.prep[...]
 
-   ``needs`` names the config keys (beyond the common ones) whose change must redo it; put its
-   options in a nested table ``distill.<name>`` of :mod:`ssdd.config` (the one home of every default).
-   ``prep`` names preparatory stages (see :func:`register_prep`), each with its own artifact,
-   checkpoint and resume, shared by every method and seed that needs it.
-2. Import the module in ``ssdd/distill/__init__.py`` (that import is the registration).
-3. Add a test that runs it for a few steps on a tiny slice and checks the artifact.
+   ``config`` becomes ``distill.<name>`` (TOML table, ``--set distill.my_method.steps=...``; its checks
+   run in :func:`ssdd.settings.load_config`, before any work). The method's own section is always among
+   its inputs; ``needs`` names the other keys it reads (beyond the common ``distill.m`` ...), and reading
+   an undeclared one raises. ``prep`` names preparatory stages (see :func:`register_prep`, which takes a
+   ``config`` too), each with its own artifact, checkpoint and resume, shared by every method and seed
+   that needs it. A method imports engines (``ssdd.distill.engines``), never another method.
+2. Add a test of what it computes (``tests/test_<name>.py``); ``tests/test_methods.py`` already runs
+   every registered method end to end with its ``SMOKE`` settings.
 
 A preset's ``methods = [...]`` then drives distill, pretrain, evaluate, report and compare;
 nothing else names methods. ``kind="encoder"`` methods (``no_pretrain``, ``full_ssl``) make no set:
@@ -22,21 +38,23 @@ the pipeline builds their encoders directly.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ssdd import config as config_mod
 from ssdd.checkpoint import Hooks
-from ssdd.config import DistillConfig
+from ssdd.config import DistillCommon
 from ssdd.data import ImageSet, Normalizer
 from ssdd.errors import UserError
 
 
 @dataclass
 class DistilledSet:
-    """What every method returns. ``images`` live in ``image_space`` (see DistillConfig);
+    """What every method returns. ``images`` live in ``image_space`` (see DistillCommon);
     ``targets`` is None when pre-training is self-supervised (``objective="barlow_twins"``)."""
 
     images: torch.Tensor
@@ -85,7 +103,7 @@ class DistillContext:
     teacher: nn.Module  # frozen, eval mode: normalised images -> d-dim features
     norm: Normalizer  # the source's normalisation
     spec: dict  # the student / pool model spec, out_dim = d
-    cfg: DistillConfig
+    cfg: DistillCommon  # the whole distill config (ssdd.settings.DistillConfig), as declared (DeclaredConfig)
     seed: int  # this distillation's seed (config seed + k for seed k)
     init_index: torch.Tensor  # the paired random draw of m source indices for this seed
     device: torch.device | str = "cpu"
@@ -132,6 +150,50 @@ class DistillContext:
         return total / self.cfg.target_views
 
 
+COMMON = ("distill.m", "distill.batch", "distill.image_space", "distill.flip", "distill.crop_pad",
+          "distill.target_views")  # read by every method: part of every set's fingerprint
+
+
+class DeclaredConfig:
+    """The ``distill`` config as one method (or prep stage) may read it: its ``needs`` and the common keys.
+
+    Reading any other key raises, so an input that a method reads without declaring it cannot be left out
+    of its fingerprint (which would reuse stale sets after that key changed). A declared section is handed
+    over as the real dataclass; above it, another view."""
+
+    def __init__(self, obj: Any, allowed: tuple[str, ...], owner: str, prefix: str = "distill."):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_allowed", allowed)
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str) -> Any:
+        path, allowed = self._prefix + name, self._allowed
+        value = getattr(self._obj, name)
+        if any(path == a or path.startswith(a + ".") for a in allowed):
+            return value
+        if any(a.startswith(path + ".") for a in allowed):
+            return DeclaredConfig(value, allowed, self._owner, path + ".")
+        raise AttributeError(f"{path} is not among the declared inputs of {self._owner} (add it to its "
+                             "register(..., needs=...), so that a change of it redoes its sets)")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self._prefix}{name}: the config is read-only inside {self._owner}")
+
+
+def replaced(cfg: DistillCommon, **changes: Any) -> DistillCommon:
+    """``dataclasses.replace`` for the config a method is handed (a :class:`DeclaredConfig`, or a plain one)."""
+    if isinstance(cfg, DeclaredConfig):
+        inner = dataclasses.replace(cfg._obj, **changes)
+        return DeclaredConfig(inner, cfg._allowed, cfg._owner, cfg._prefix)  # type: ignore[return-value]
+    return dataclasses.replace(cfg, **changes)
+
+
+def declared(cfg: DistillCommon, owner: str, needs: tuple[str, ...]) -> DistillCommon:
+    """``cfg`` as the method or prep stage ``owner`` may read it (see :class:`DeclaredConfig`)."""
+    return DeclaredConfig(cfg, COMMON + tuple(needs), owner)  # type: ignore[return-value]
+
+
 @dataclass
 class Method:
     name: str
@@ -143,6 +205,7 @@ class Method:
     # a cheap check of the settings against this machine (e.g. MKDT's memory estimate), raising UserError;
     # meant to run before the method's prep stages, so a refusal comes before hours of expert training
     preflight: Callable[[DistillContext], None] | None = None
+    version: int = 1  # part of its sets' fingerprints: bump when a change moves its numbers on purpose
 
 
 @dataclass
@@ -152,27 +215,41 @@ class Prep:
     name: str
     run: Callable[[DistillContext], dict[str, torch.Tensor]]
     needs: tuple[str, ...] = ()
-    enabled: Callable[[DistillConfig], bool] = lambda cfg: True  # an optional stage runs only when this says so
+    enabled: Callable[[DistillCommon], bool] = lambda cfg: True  # an optional stage runs only when this says so
 
 
 _METHODS: dict[str, Method] = {}
 _PREPS: dict[str, Prep] = {}
 
 
-def register(name: str, *, kind: str = "set", needs: tuple[str, ...] = (), prep: tuple[str, ...] = (),
-             preflight: Callable[[DistillContext], None] | None = None) -> Callable:
-    """Decorator registering a method's entry point under ``name`` (``preflight``: see :class:`Method`)."""
+def _own_section(name: str, config: type | None, needs: tuple[str, ...]) -> tuple[str, ...]:
+    """``needs`` with ``distill.<name>`` first when ``config`` declares that section (recorded in ssdd.config)."""
+    if config is None:
+        return tuple(needs)
+    config_mod.add_section(name, config)
+    own = f"distill.{name}"
+    return (own,) + tuple(n for n in needs if n != own)
+
+
+def register(name: str, *, config: type | None = None, kind: str = "set", needs: tuple[str, ...] = (),
+             prep: tuple[str, ...] = (), preflight: Callable[[DistillContext], None] | None = None,
+             version: int = 1) -> Callable:
+    """Decorator registering a method's entry point under ``name``. ``config``: the dataclass of its own
+    section ``distill.<name>`` (see :func:`ssdd.config.add_section`), which is then among its inputs;
+    ``preflight``, ``version``: see :class:`Method`."""
     def wrap(fn: Callable[[DistillContext], DistilledSet] | None) -> Callable:
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn is not None and fn.__doc__ else ""
-        _METHODS[name] = Method(name, fn, kind, tuple(needs), tuple(prep), doc, preflight)
+        _METHODS[name] = Method(name, fn, kind, _own_section(name, config, needs), tuple(prep), doc, preflight,
+                                version)
         return fn
     return wrap
 
 
-def register_prep(name: str, *, needs: tuple[str, ...] = (),
-                  enabled: Callable[[DistillConfig], bool] = lambda cfg: True) -> Callable:
+def register_prep(name: str, *, config: type | None = None, needs: tuple[str, ...] = (),
+                  enabled: Callable[[DistillCommon], bool] = lambda cfg: True) -> Callable:
+    """Decorator registering a prep stage under ``name``; ``config``: its own section, as for :func:`register`."""
     def wrap(fn: Callable[[DistillContext], dict[str, torch.Tensor]]) -> Callable:
-        _PREPS[name] = Prep(name, fn, tuple(needs), enabled)
+        _PREPS[name] = Prep(name, fn, _own_section(name, config, needs), enabled)
         return fn
     return wrap
 

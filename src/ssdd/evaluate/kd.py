@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ssdd.config import EvaluateConfig
+from ssdd.config import EvaluateConfig, ModelConfig
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data.augment import check_generator
-from ssdd.evaluate.finetune import accuracy
-from ssdd.models import Encoder
+from ssdd.evaluate.finetune import accuracy, finetune
+from ssdd.evaluate.suite import Target
+from ssdd.models import Encoder, build, encoder_from_artifact, model_spec
 from ssdd.precision import autocast
 
 
@@ -86,3 +88,37 @@ def kd_accuracy(student: Encoder, teacher: Encoder, transfer: torch.Tensor, test
         opt.step()
         sched.step()
     return accuracy(model, test, norm, device)
+
+
+def kd_rows(targets: list[Target], students: Callable[[int, Target], list[tuple[str, torch.Tensor, Encoder]]],
+            model: ModelConfig, cfg: EvaluateConfig, seed: int, seeds: range, device: str,
+            progress: bool = True) -> list[dict]:
+    """Protocol "kd" on every target: a supervised teacher (``cfg.kd_teacher``, or fine-tuned here from a
+    fresh ``model``) is distilled into each pre-trained student using only that student's own transfer
+    images; a randomly initialised student on Gaussian noise is the baseline. ``students(k, target)``:
+    (name, transfer images in [0, 1] pixels, encoder) of seed ``k``."""
+    rows = []
+    for target in targets:
+        norm = Normalizer(*target.train.mean_std(), device=device)
+        c, h, _ = target.train.shape
+        if cfg.kd_teacher:
+            teacher = encoder_from_artifact(cfg.kd_teacher, device)[0]
+        else:
+            torch.manual_seed(seed)
+            teacher = finetune(build(model_spec(model, c, h, 0)), target.train, norm, cfg, seed, device, progress,
+                               desc=f"kd teacher {target.name}")
+        row = {"target": target.name, "protocol": "kd", "label_fraction": 1.0, "arch": model.arch, "group": model.arch}
+        rows.append({**row, "method": "supervised_teacher", "seed": seed,
+                     "accuracy": accuracy(teacher, target.test, norm, device)})
+        for k in seeds:
+            transfer = [(name, norm.normalize_unit(pixels.to(device)), student)
+                        for name, pixels, student in students(k, target)]
+            if transfer:
+                noise = torch.randn(transfer[0][1].shape, generator=torch.Generator().manual_seed(seed + k))
+                torch.manual_seed(seed + k)
+                transfer.append(("gaussian_noise", noise.to(device), build(model_spec(model, c, h, 0)).to(device)))
+            for name, images, student in transfer:
+                acc = kd_accuracy(student, teacher, images, target.test, norm, cfg, seed + k, device, progress,
+                                  desc=f"kd {name} s{k}")
+                rows.append({**row, "method": name, "seed": seed + k, "accuracy": acc})
+    return rows

@@ -1,0 +1,135 @@
+"""Commands beside ``ssdd run``: the stages on their own, from files (``ssdd prepare SOURCE``, ``ssdd pretrain
+--distilled``, ``ssdd evaluate --encoder``), ``ssdd diagnose grad-variance`` and ``ssdd compare``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssdd import artifacts, determinism, distilled_set, layout, precision, report
+from ssdd.compare import read_paper_table, write_compare
+from ssdd.config import Config
+from ssdd.data import save_dataset
+from ssdd.data.formats import read_source
+from ssdd.data.sources import load_target
+from ssdd.distill import registry
+from ssdd.errors import UserError
+from ssdd.evaluate import Target, evaluate_encoder
+from ssdd.models import build, encoder_from_artifact, model_spec
+from ssdd.pretrain import pretrain_set
+from ssdd.run.core import Run
+from ssdd.run.setup import resolve_device, run_precision, single_process
+from ssdd.run.stages.distill import distill_context
+from ssdd.run.stages.evaluate import write_results
+from ssdd.run.stages.report import INTERVAL_NOTE
+
+log = logging.getLogger("ssdd")
+
+
+def prepare_file(source: str, fmt: str, size: int, out: str | Path, split: str = "train",
+                 max_per_class: int | None = None) -> Path:
+    """``ssdd prepare SOURCE --format FMT``: one raw dataset split -> one canonical dataset file."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the dataset file to write (e.g. {out}/train.safetensors)")
+    if size <= 0:
+        raise UserError(f"--size must be positive, got {size}")
+    data = read_source(source, fmt, size, split, max_per_class)
+    save_dataset(out, data, {"source": str(source), "format": fmt, "split": split})
+    log.info("prepared %d images %s (%d classes) -> %s", len(data), list(data.shape), data.num_classes, out)
+    return out
+
+
+def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: str = "auto",
+                  progress: bool = True) -> Path:
+    """``ssdd pretrain --distilled FILE``: encoders for each seed from one distilled set."""
+    single_process("ssdd pretrain --distilled")
+    out, dev, logs = Path(out), resolve_device(device), {}
+    determinism.configure(cfg.deterministic, dev)
+    method = distilled_set.method_of(distilled)
+    for k in range(cfg.evaluate.seeds):
+        with precision.use(run_precision(cfg, dev)):
+            encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
+        artifacts.save_encoder(layout.encoder_path(out, method, k), encoder, spec,
+                               {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name,
+                                "loss_curve": curve})
+        logs[layout.pretrain_log_key(method, k)] = curve
+    artifacts.write_json(layout.pretrain_log_path(out), {"epoch_loss": logs})
+    return out
+
+
+def evaluate_files(cfg: Config, encoders: list[str], targets: list[str], out: str | Path, device: str = "auto",
+                   progress: bool = True) -> Path:
+    """``ssdd evaluate --encoder E... --targets T...``: the transfer suite on artifacts, then the report."""
+    single_process("ssdd evaluate --encoder")
+    if "kd" in cfg.evaluate.protocols:  # kd trains each student on its own distilled set, which an encoder file lacks
+        raise UserError("--protocols kd: needs each encoder's distilled set and the run folder it came from; "
+                        "evaluate kd with `ssdd run` or `ssdd evaluate --out RUN_FOLDER`")
+    out, dev = Path(out), str(resolve_device(device))
+    determinism.configure(cfg.deterministic, dev)
+    names = layout.unique_target_names(targets)
+    loaded = [(t, *load_target(t, cfg.data.size, cfg.evaluate.test_split, cfg.data.target_max_per_class or None))
+              for t in targets]
+    suite = [Target(names[spec], train, test) for spec, train, test in loaded]
+    rows, methods = [], []
+    for path in encoders:
+        for k in range(cfg.evaluate.seeds):
+            if path == "none":
+                torch.manual_seed(cfg.seed + k)
+                c, h, _ = suite[0].train.shape
+                encoder, method = build(model_spec(cfg.model, c, h, 0)), "no_pretrain"
+            else:
+                encoder, meta = encoder_from_artifact(path, dev)
+                method = str(meta.get("method", Path(path).stem))
+            methods.append(method)
+            for target in suite:
+                with precision.use(run_precision(cfg, dev)):
+                    rows += evaluate_encoder(method, cfg.seed + k, encoder.to(dev), target, cfg.evaluate, dev, progress)
+    write_results(out, rows)
+    return report.write_report(out, methods=list(dict.fromkeys(methods)))
+
+
+def diagnose_grad_variance(cfg: Config, out: str | Path, draws: int = 16, device: str = "auto",
+                           progress: bool = True) -> Path:
+    """``ssdd diagnose grad-variance``: prepare and teacher as needed, then the outer-gradient variance of
+    naive bilevel SSL vs KRR-ST at the first seed's initial state (``grad_variance.json`` / ``.png``)."""
+    from ssdd.distill.diagnose import write_grad_variance
+
+    run = Run(cfg, out, device, progress)
+    run.run(until="teacher")
+    ctx = distill_context(run, run.inputs.source("train"), run.inputs.source("heldout"), cache={})
+    with precision.use(run.precision):
+        write_grad_variance(ctx, Path(out), draws)
+    return Path(out)
+
+
+def run_compare(cfg: Any, out: str | Path, paper_table: str | Path | None = None, device: str = "auto",
+                progress: bool = True, baseline: str = "random_subset") -> Path:
+    """Run whatever the configured methods still miss in ``out`` (each finished method, seed, encoder
+    and evaluation is reused, an interrupted one resumes), then write the comparison table."""
+    if paper_table is not None:
+        read_paper_table(paper_table)  # a bad file fails before hours of work
+    if baseline not in cfg.methods:
+        raise UserError(f"compare: the baseline '{baseline}' must be among the methods ({', '.join(cfg.methods)})")
+    out, start = Path(out), time.perf_counter()
+    run = Run(cfg, out, device, progress)
+    run.run()
+    times = layout.read_timings(out)
+    wall: dict[str, Any] = {}
+    for name in cfg.methods:
+        method = registry.get(name)
+        if method.kind != "set":
+            continue
+        parts = {f"distill ({len(run.plan.seeds())} seeds)": sum(times.get(layout.distill_timing_key(name, k), 0.0)
+                                                           for k in run.plan.seeds())}
+        for prep in run.plan.active_preps(method):
+            parts[f"{prep} (shared)"] = times.get(layout.prep_timing_key(prep), 0.0)
+        wall[name] = parts
+    rows = artifacts.read_json(layout.results_paths(out)[0])
+    path = write_compare(out, rows, cfg.methods, baseline, paper_table, wall, INTERVAL_NOTE)
+    log.info("compare: %s (this invocation %.1f s)", path, time.perf_counter() - start)
+    return path

@@ -1,0 +1,108 @@
+"""How each method's encoders come to be: pre-trained on its distilled set, or one of the two encoder
+recipes that make no set (``full_ssl``: the teacher itself, the ceiling; ``no_pretrain``: random weights,
+the floor). The one place that knows those two by name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ssdd.distill import registry
+from ssdd.models import Encoder, build, encoder_from_artifact, model_spec
+from ssdd.pretrain import arch_spec, pretrain_set
+from ssdd.run.freshness import Unit
+
+if TYPE_CHECKING:
+    from ssdd.run.core import Run
+    from ssdd.run.inputs import Inputs
+    from ssdd.run.plan import Plan
+
+Made = tuple[torch.nn.Module, dict, dict]  # (encoder on the CPU, its build spec, its metadata)
+
+
+class EncoderRecipe:
+    """Pre-training on the method's distilled set: one encoder per seed and architecture."""
+
+    def __init__(self, method: registry.Method):
+        self.method = method
+
+    def seeds(self, seeds: range) -> range:
+        return seeds
+
+    def archs(self, archs: list[str | None]) -> list[str | None]:
+        return archs
+
+    def evaluated_seed(self, k: int) -> int:
+        """The encoder seed that evaluation seed ``k`` evaluates."""
+        return k
+
+    def writes_file(self, plan: Plan) -> bool:
+        """Whether the pretrain stage writes this encoder's file."""
+        return True
+
+    def unit(self, plan: Plan, k: int, arch: str | None) -> Unit:
+        return plan.units.set_encoder(self.method.name, k, arch, plan.set_unit(self.method, k))
+
+    def make(self, run: Run, k: int, arch: str | None) -> Made:
+        set_path = run.inputs.distilled_set(self.method, k)
+        encoder, curve, spec = pretrain_set(run.cfg, set_path, run.cfg.seed + k, run.device, run.progress, arch)
+        return encoder.cpu(), spec, {"method": self.method.name, "seed": run.cfg.seed + k,
+                                     "distilled_set": set_path.name, "loss_curve": curve}
+
+    def load(self, inputs: Inputs, k: int, arch: str | None) -> torch.nn.Module:
+        return inputs.encoder_file(self.method, k, arch)
+
+
+class TeacherRecipe(EncoderRecipe):
+    """``full_ssl``: the teacher as the encoder. One encoder, the configured architecture only; every
+    evaluation seed evaluates it (the seeds vary the evaluation's draws)."""
+
+    def seeds(self, seeds: range) -> range:
+        return range(1)
+
+    def archs(self, archs: list[str | None]) -> list[str | None]:
+        return [None]
+
+    def evaluated_seed(self, k: int) -> int:
+        return 0
+
+    def writes_file(self, plan: Plan) -> bool:
+        return plan.teacher_is_encoder()  # a TorchScript teacher is evaluated from its own file
+
+    def unit(self, plan: Plan, k: int, arch: str | None) -> Unit:
+        return plan.units.teacher_encoder(self.method.name)
+
+    def make(self, run: Run, k: int, arch: str | None) -> Made:
+        encoder, meta = encoder_from_artifact(run.inputs.teacher_path(), "cpu")
+        return encoder, meta["model_spec"], {"method": self.method.name, "seed": run.cfg.seed + k}
+
+    def load(self, inputs: Inputs, k: int, arch: str | None) -> torch.nn.Module:
+        if inputs.plan.teacher_is_encoder():
+            return super().load(inputs, k, arch)
+        c, h, _ = inputs.source_shape()
+        teacher, dim = inputs.teacher(c, h)
+        return Encoder(teacher, dim, 0).eval()
+
+
+class RandomRecipe(EncoderRecipe):
+    """``no_pretrain``: the student at its seeded random initialisation."""
+
+    def unit(self, plan: Plan, k: int, arch: str | None) -> Unit:
+        return plan.units.random_encoder(self.method.name, k, arch)
+
+    def make(self, run: Run, k: int, arch: str | None) -> Made:
+        c, h, _ = run.inputs.source_shape()
+        spec: dict[str, Any] = {**(model_spec(run.cfg.model, c, h, 0) if arch is None else arch_spec(arch, c, h)),
+                                "out_dim": 0}
+        torch.manual_seed(run.cfg.seed + k)
+        return build(spec), spec, {"method": self.method.name, "seed": run.cfg.seed + k}
+
+
+RECIPES = {"full_ssl": TeacherRecipe, "no_pretrain": RandomRecipe}  # every kind="encoder" method
+
+
+def recipe_for(method: registry.Method) -> EncoderRecipe:
+    if method.kind == "encoder":
+        return RECIPES[method.name](method)
+    return EncoderRecipe(method)

@@ -1,0 +1,30 @@
+"""Stage ``report``: ``report.md`` and its figures from the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ssdd import layout, report
+from ssdd.run.stages.base import Stage
+
+if TYPE_CHECKING:
+    from ssdd.run.core import Run
+
+INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random draw (shared with that seed's "
+                 "random_subset), the distillation's own randomness, the pre-training initialisation and the label "
+                 "draws. The 95 % interval is a paired t-interval over seeds, so it covers distillation-to-distillation "
+                 "variance; full_ssl is one encoder (the teacher), its seeds vary the evaluation only; the KD "
+                 "experts are trained once per run and shared by every seed, so high_loss is the same set in every "
+                 "seed and MKDT starts from it every time (their intervals cover their own randomness, pre-training "
+                 "and label draws, not a different start).")
+
+
+class Report(Stage):
+    name, main_only = "report", True
+
+    def outputs(self, run: Run) -> list[Path]:
+        return [layout.report_path(run.out)]
+
+    def run(self, run: Run) -> None:
+        report.write_report(run.out, methods=list(run.cfg.methods), interval_note=INTERVAL_NOTE)
