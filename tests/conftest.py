@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ["SSDD_DEVICE"] = "cpu"
 # precision "auto" without calibration timing, and one choice on every machine; no cache in the home folder
 os.environ["SSDD_AUTO_PRECISION"] = "fp32"
-os.environ.setdefault("SSDD_CACHE_DIR", tempfile.mkdtemp(prefix="ssdd-test-cache-"))
+if "SSDD_CACHE_DIR" not in os.environ:
+    os.environ["SSDD_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssdd-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SSDD_CACHE_DIR"], ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,9 +1,11 @@
 """Fingerprints from the inputs actually read (issue 18): roles declared for every key, golden values,
 neutral keys that redo nothing, undeclared and stale inputs refused, one stop request per run."""
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -28,6 +30,7 @@ TINY = {"data.size": 16, "data.heldout": 8, "teacher.epochs": 1, "teacher.batch"
         "evaluate.linear_draws": 1, "evaluate.linear_c_grid": [1.0], "evaluate.validation": 0.0, "precision": "fp32",
         "methods": ["krr_st", "random_subset", "no_pretrain", "full_ssl"]}
 SOURCE = Path(tempfile.mkdtemp(prefix="ssdd-fingerprints-")) / "src.npz"
+atexit.register(shutil.rmtree, SOURCE.parent, ignore_errors=True)
 rng = np.random.default_rng(0)
 np.savez(SOURCE, x=rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8), y=np.arange(48) % 4)
 
@@ -167,8 +170,6 @@ def test_an_upgrade_that_adds_a_neutral_key_redoes_nothing(tiny_run):
 def test_a_stage_run_alone_refuses_a_stale_teacher(tiny_run, tmp_path):
     """Case 4: after a teacher change, `ssdd distill` alone stops in one line instead of stamping the old
     teacher's sets with the new fingerprint; `ssdd run` then remakes the teacher and the sets."""
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     changed = tiny(**{"teacher.lr": 1e-3})
@@ -195,8 +196,6 @@ def test_standalone_evaluate_says_it_cannot_run_kd(tmp_path):
 def test_a_stop_during_a_units_last_step_stops_the_run(tiny_run, tmp_path, monkeypatch):
     """Case 6b: a SIGTERM that lands during a unit's last step used to be taken by a second, inner stop
     handler and lost: the run went on with the next unit. Now the run stops before the next unit."""
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     real = registry.get("random_subset")
