@@ -2,7 +2,7 @@
 
 import pytest
 
-from ssdd.config import available_presets, parse_overrides
+from ssdd.settings import available_presets, parse_overrides
 from ssdd.settings import load_config, valid_keys
 from ssdd.errors import UserError
 

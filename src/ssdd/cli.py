@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ssdd import run as commands
         from ssdd.allocator import keep_freed_memory
-        from ssdd.config import parse_overrides
+        from ssdd.settings import parse_overrides
         from ssdd.settings import load_config
 
         keep_freed_memory()

@@ -1,4 +1,4 @@
-"""Typed configuration: defaults in dataclasses, presets as TOML files, typed overrides.
+"""Typed configuration: defaults in dataclasses, typed assignment, checks (presets and ``--set``: ssdd.settings).
 
 One source of truth for every default: the dataclasses. A preset only lists what differs; ``--set
 key=value`` overrides must match the default's type, and unknown keys are rejected with the list of
@@ -21,15 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from ssdd.errors import UserError
 
@@ -277,40 +270,6 @@ def assemble(module: str) -> tuple[type, type]:
     return _ASSEMBLED[module]
 
 
-def presets_dir() -> Path:
-    """Where presets live: $SSDD_CONFIGS, else the repository's ``configs/``."""
-    env = os.environ.get("SSDD_CONFIGS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
-
-
-def available_presets() -> list[str]:
-    d = presets_dir()
-    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
-
-
-def _preset_path(name: str) -> Path:
-    path = Path(name)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise UserError(f"--preset: file {name} not found")
-        return path
-    path = presets_dir() / f"{name}.toml"
-    if not path.is_file():
-        raise UserError(f"--preset: unknown preset '{name}' (available: {', '.join(available_presets()) or 'none'})")
-    return path
-
-
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def valid_keys(obj: Any, prefix: str = "") -> list[str]:
     """Every leaf key of the config ``obj`` (:func:`ssdd.settings.valid_keys`: of the defaults)."""
     keys = []
@@ -352,7 +311,8 @@ def _coerce(key: str, value: Any, default: Any, origin: str, choices: tuple[str,
     return value
 
 
-def _assign(cfg: Config, key: str, value: Any, origin: str) -> None:
+def assign(cfg: Config, key: str, value: Any, origin: str) -> None:
+    """Set ``key`` (dotted) from a preset or ``--set``, coerced to its type and checked, or one UserError."""
     *parents, leaf = key.split(".")
     obj: Any = cfg
     for part in parents:
@@ -364,34 +324,6 @@ def _assign(cfg: Config, key: str, value: Any, origin: str) -> None:
         raise UserError(f"{origin}: unknown key '{key}' (valid keys: {', '.join(valid_keys(cfg))})")
     choices = getattr(type(obj), "CHOICES", {}).get(leaf)
     setattr(obj, leaf, _coerce(key, value, getattr(obj, leaf), origin, choices))
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set: expected key=value, got '{pair}'")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
-def load(root: type, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """``root()``'s defaults, then the preset file, then the overrides; validated (:func:`ssdd.settings.load_config`
-    calls this with the whole config class)."""
-    cfg = root()
-    if preset:
-        path = _preset_path(preset)
-        try:
-            table = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"--preset: {path} is not valid TOML ({err})") from None
-        for key, value in _flatten(table).items():
-            _assign(cfg, key, value, str(path))
-    for key, value in (overrides or {}).items():
-        _assign(cfg, key, value, "--set")
-    validate(cfg)
-    return cfg
 
 
 def validate(cfg: Config) -> None:
