@@ -18,7 +18,7 @@ import numpy as np
 
 from ssdd import artifacts
 from ssdd.errors import UserError
-from ssdd.evaluate.stats import excludes_zero, mean_std, paired_interval, paired_values
+from ssdd.evaluate.stats import capture, excludes_zero, mean_std, paired_interval, paired_values
 from ssdd.report import NOT_COMPARED, fmt_fraction, fmt_signed, group_of, method_order
 
 LEVEL = 0.95
@@ -70,11 +70,13 @@ def _cell(values: dict[int, float], base: dict[int, float] | None, is_baseline: 
     return cell
 
 
-def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseline: str = "random_subset") -> dict:
+def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseline: str = "random_subset",
+                  ceiling: str = "full_ssl") -> dict:
     """One table of the default architecture group (:func:`default_group`): per method and column
     (target, protocol, label_fraction) the mean, std, n and per-seed values (percent), and the paired
     difference to ``baseline`` (``{"mean", "lo", "hi", "n_pairs", "beyond_noise"}``, points) or
-    ``"not compared"`` with a ``diff_reason``. ``best``: per column the method(s) with the highest mean
+    ``"not compared"`` with a ``diff_reason``; and ``capture``: the share of ``ceiling``'s lead over the
+    baseline that the method recovers (:func:`ssdd.evaluate.stats.capture`, percent), for every method but those two. ``best``: per column the method(s) with the highest mean
     (to the 0.1 point shown; equal means are all best).
 
     ``methods``: the rows of the table in order (a method without results gets empty cells); None
@@ -96,13 +98,16 @@ def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseli
     for col in columns:
         key = col["key"]
         base = values.get(baseline, {}).get(key) or None
+        top_values = values.get(ceiling, {}).get(key) or None
         for m in order:
             cells[m][key] = _cell(values[m][key], base, m == baseline)
+            if m not in (baseline, ceiling) and cells[m][key]["n"]:
+                cells[m][key]["capture"] = capture(values[m][key], base, top_values, LEVEL)
         means = {m: round(cells[m][key]["mean"], 1) for m in order if cells[m][key]["n"]}  # ties as displayed
         top = max(means.values()) if means else None
         best[key] = [m for m, v in means.items() if v == top]
     others = sorted({group_of(r) for r in rows} - {group})
-    return {"group": group, "other_groups": others, "baseline": baseline, "level": LEVEL,
+    return {"group": group, "other_groups": others, "baseline": baseline, "ceiling": ceiling, "level": LEVEL,
             "unit": "accuracy in percent; differences in accuracy points", "methods": order, "columns": columns,
             "cells": cells, "best": best}
 
@@ -207,6 +212,11 @@ def cell_text(cell: dict, typical_n: int | None = None) -> str:
         notes.append("baseline")
     else:
         notes.append(NOT_COMPARED)
+    capture = cell.get("capture")
+    if isinstance(capture, dict):
+        bounds = ("unbounded" if not math.isfinite(capture["lo"]) else
+                  "[" + ", ".join(f"{x:+.0f}".replace("-", "−") for x in (capture["lo"], capture["hi"])) + "]")
+        notes.append(f"capture {capture['mean']:.0f} % {bounds}")
     return f"{text} ({', '.join(notes)})"
 
 
@@ -246,6 +256,11 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
               f"({covers}). An interval that excludes 0 is a difference beyond seed noise; \"{NOT_COMPARED}\" means "
               f"fewer than two paired seeds or no {base} result. **Bold**: the highest mean in the column (a "
               "ranking, not a test)."]
+    if any(isinstance(cells[m][c["key"]].get("capture"), dict) for m in order for c in cols):
+        lines.append(f"Capture: (method − {base}) / ({table['ceiling']} − {base}) in %, the share of the "
+                     f"{table['ceiling']} lead over {base} that the method recovers, from means over the seeds all "
+                     f"three share, with Fieller's {level} interval for a ratio of paired means (\"unbounded\" when "
+                     f"{table['ceiling']}'s lead is itself within seed noise).")
     if paper:
         lines.append(f"Rows marked _(paper)_ are published numbers from {paper_source or 'a user-given table'}, "
                      "in italics: not measured here, never bold, not part of any comparison.")
@@ -263,7 +278,7 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
 def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None = None) -> str:
     fields = ["source", "method", "group", "target", "protocol", "label_fraction", "n", "mean", "std", "values",
               "diff_mean", "diff_lo", "diff_hi", "n_pairs", "compared", "not_compared_reason", "best",
-              "wall_time_s"]
+              "capture_pct", "capture_lo", "capture_hi", "wall_time_s"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
@@ -276,6 +291,7 @@ def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None 
         for c in table["columns"]:
             cell = table["cells"][m][c["key"]]
             diff = cell["diff"] if isinstance(cell["diff"], dict) else {}
+            capture = cell.get("capture") if isinstance(cell.get("capture"), dict) else {}
             writer.writerow({"source": "ours", "method": m, "group": table["group"], "target": c["target"],
                              "protocol": c["protocol"], "label_fraction": f"{c['label_fraction']:g}", "n": cell["n"],
                              "mean": num(cell["mean"]), "std": num(cell["std"]),
@@ -284,7 +300,8 @@ def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None 
                              "diff_hi": num(diff.get("hi")), "n_pairs": diff.get("n_pairs", ""),
                              "compared": "yes" if diff else "no", "not_compared_reason": cell.get("diff_reason", ""),
                              "best": "yes" if m in table["best"].get(c["key"], []) and cell["n"] else "no",
-                             "wall_time_s": num(wall)})
+                             "capture_pct": num(capture.get("mean")), "capture_lo": num(capture.get("lo")),
+                             "capture_hi": num(capture.get("hi")), "wall_time_s": num(wall)})
     for m, by_key in (paper or {}).items():
         for c in table["columns"]:
             if c["key"] in by_key:

@@ -1,4 +1,4 @@
-"""Summary statistics of result rows: mean ± std over seeds and paired t-intervals.
+"""Summary statistics of result rows: mean ± std over seeds, paired t-intervals, and capture (a ratio of paired means).
 
 Seeds are paired across methods: the same seed number means the same label draw (and the same
 initial draw of the distilled set), so a method is compared with a baseline through the per-seed
@@ -49,3 +49,44 @@ def paired_values(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[list[
 def excludes_zero(lo: float, hi: float) -> bool:
     """True when a finite interval lies entirely above or below zero."""
     return bool(np.isfinite(lo) and np.isfinite(hi) and (lo > 0 or hi < 0))
+
+
+def fieller_ratio(num: Iterable[float], den: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``mean(num) / mean(den)`` of two series paired by seed, with Fieller's interval for a ratio of means.
+
+    Used for capture, (method - baseline) / (ceiling - baseline): both series are per-seed differences from
+    the same baseline, so they are correlated, and Fieller's interval takes the covariance into account
+    (with a Student-t quantile over the pairs). When the denominator's mean is itself not beyond noise at this
+    level, the set of plausible ratios is unbounded: the bounds are then -inf and +inf. Below two pairs the
+    bounds are NaN."""
+    a, b = np.asarray(list(num), float), np.asarray(list(den), float)
+    n = len(a)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    ma, mb = float(a.mean()), float(b.mean())
+    ratio = ma / mb if mb != 0 else float("nan")
+    if n < 2:
+        return ratio, float("nan"), float("nan")
+    from scipy import stats
+
+    t2 = float(stats.t.ppf(0.5 + level / 2, n - 1)) ** 2
+    cov = np.cov(a, b, ddof=1) / n  # covariance of the two means
+    qa, qb, qab = mb * mb - t2 * cov[1, 1], ma * mb - t2 * cov[0, 1], ma * ma - t2 * cov[0, 0]
+    disc = qb * qb - qa * qab
+    if qa <= 0 or disc < 0:
+        return ratio, float("-inf"), float("inf")
+    root = math.sqrt(disc)
+    return ratio, float((qb - root) / qa), float((qb + root) / qa)
+
+
+def capture(values: Mapping[int, float], base: Mapping[int, float] | None, ceiling: Mapping[int, float] | None,
+            level: float = 0.95) -> dict | str:
+    """(method - baseline) / (ceiling - baseline) in percent over the seeds all three share, with Fieller's
+    interval (:func:`fieller_ratio`), or why there is none. Each map: seed -> accuracy."""
+    if not base or not ceiling:
+        return "no baseline or ceiling result"
+    seeds = sorted(set(values) & set(base) & set(ceiling))
+    if len(seeds) < 2:
+        return f"{len(seeds)} seed{'s' * (len(seeds) != 1)} shared with baseline and ceiling"
+    ratio, lo, hi = fieller_ratio([values[s] - base[s] for s in seeds], [ceiling[s] - base[s] for s in seeds], level)
+    return {"mean": 100 * ratio, "lo": 100 * lo, "hi": 100 * hi, "n_pairs": len(seeds)}
