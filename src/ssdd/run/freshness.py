@@ -63,7 +63,7 @@ class Unit:
 
 
 class Units:
-    """The units of one config, resolved precision and method registry (``methods``: name -> version)."""
+    """Every unit's inputs for one config and resolved precision, in a chain from the prepared source down."""
 
     def __init__(self, cfg: Config, precision: str, out: Path):
         self.cfg, self.precision, self.out = cfg, precision, out
