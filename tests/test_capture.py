@@ -65,3 +65,19 @@ def test_compare_gives_capture_for_every_method_but_baseline_and_ceiling():
 def test_capture_says_why_it_is_missing():
     assert capture({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.0}, None) == "no baseline or ceiling result"
     assert capture({0: 1.0}, {0: 0.5}, {0: 3.0}) == "1 seed shared with baseline and ceiling"
+
+
+def test_storage_column_counts_what_a_set_stores(tmp_path):
+    import torch
+
+    from ssdd import distilled_set
+
+    path = tmp_path / "s.safetensors"
+    distilled_set.save_arrays(path, torch.zeros(5, 1, 4, 4), torch.zeros(5, 3),
+                              {"method": "krr_st", "objective": "mse", "lr": 0.1, "image_space": "reference"})
+    assert distilled_set.stored_numbers(path) == 5 * 16 + 5 * 3 + 1
+    acc = {"krr_st": [42, 43, 43.5], "random_subset": [40, 42, 41], "full_ssl": [50, 51, 50.5]}
+    table = compare_table(rows_for(acc), list(acc), storage={"krr_st": 96, "random_subset": 95})
+    md = compare_markdown(table)
+    assert "| method | stored numbers |" in md and "| krr_st | 96 |" in md and "| full_ssl | – |" in md
+    assert compare_csv(table).splitlines()[1].split(",")[-2] == "96"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ssdd import artifacts, distilled_set
-from ssdd.compare import compare_table, read_paper_table, write_compare
+from ssdd.compare import compare_table, write_compare
+from ssdd.paper_table import read_paper_table
 from ssdd.errors import UserError
 from ssdd.report import heldout_markdown, results_markdown, write_report
 

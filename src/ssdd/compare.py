@@ -17,12 +17,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from ssdd import artifacts
-from ssdd.errors import UserError
 from ssdd.evaluate.stats import capture, excludes_zero, mean_std, paired_interval, paired_values
+from ssdd.paper_table import paper_cells, read_paper_table
 from ssdd.report import NOT_COMPARED, fmt_fraction, fmt_signed, group_of, method_order
 
 LEVEL = 0.95
-PAPER_COLUMNS = ("method", "target", "protocol", "label_fraction", "accuracy")
 
 
 def default_group(rows: list[dict]) -> str:
@@ -71,12 +70,13 @@ def _cell(values: dict[int, float], base: dict[int, float] | None, is_baseline: 
 
 
 def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseline: str = "random_subset",
-                  ceiling: str = "full_ssl") -> dict:
+                  ceiling: str = "full_ssl", storage: dict[str, int] | None = None) -> dict:
     """One table of the default architecture group (:func:`default_group`): per method and column
     (target, protocol, label_fraction) the mean, std, n and per-seed values (percent), and the paired
     difference to ``baseline`` (``{"mean", "lo", "hi", "n_pairs", "beyond_noise"}``, points) or
     ``"not compared"`` with a ``diff_reason``; and ``capture``: the share of ``ceiling``'s lead over the
-    baseline that the method recovers (:func:`ssdd.evaluate.stats.capture`, percent), for every method but those two. ``best``: per column the method(s) with the highest mean
+    baseline that the method recovers (:func:`ssdd.evaluate.stats.capture`, percent), for every method but those two.
+    ``storage``: method -> numbers its set stores (:func:`ssdd.distilled_set.stored_numbers`), shown as a column. ``best``: per column the method(s) with the highest mean
     (to the 0.1 point shown; equal means are all best).
 
     ``methods``: the rows of the table in order (a method without results gets empty cells); None
@@ -108,74 +108,9 @@ def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseli
         best[key] = [m for m, v in means.items() if v == top]
     others = sorted({group_of(r) for r in rows} - {group})
     return {"group": group, "other_groups": others, "baseline": baseline, "ceiling": ceiling, "level": LEVEL,
+            "storage": {m: n for m, n in (storage or {}).items() if m in order},
             "unit": "accuracy in percent; differences in accuracy points", "methods": order, "columns": columns,
             "cells": cells, "best": best}
-
-
-# ---- the user's published numbers ----------------------------------------------------------
-
-def _paper_error(path: Path, problem: str) -> UserError:
-    return UserError(f"{path}: {problem}; a paper table is a CSV with columns {','.join(PAPER_COLUMNS)} "
-                     "(label_fraction in (0, 1], accuracy in percent)")
-
-
-def read_paper_table(path: str | Path) -> list[dict]:
-    """Published numbers: rows ``method, target, protocol, label_fraction, accuracy`` (percent).
-    Any problem is one UserError naming the file and the expected columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise _paper_error(path, "file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        raw = list(reader)
-    except (UnicodeDecodeError, csv.Error, OSError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise _paper_error(path, f"not a readable CSV ({detail})") from None
-    missing = [c for c in PAPER_COLUMNS if c not in fields]
-    if missing:
-        raise _paper_error(path, f"missing column{'s' * (len(missing) > 1)} {', '.join(missing)}")
-    if not raw:
-        raise _paper_error(path, "no rows")
-    entries = []
-    for line, rec in enumerate(raw, start=2):
-        rec = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in rec.items()}
-        for col in ("method", "target", "protocol"):
-            if not rec.get(col):
-                raise _paper_error(path, f"line {line}: empty {col}")
-        try:
-            frac, acc = float(rec["label_fraction"]), float(rec["accuracy"])
-        except (TypeError, ValueError):
-            raise _paper_error(path, f"line {line}: label_fraction {rec['label_fraction']!r} or accuracy "
-                                     f"{rec['accuracy']!r} is not a number") from None
-        if not (0 < frac <= 1) or not math.isfinite(frac):
-            raise _paper_error(path, f"line {line}: label_fraction {frac:g} is not in (0, 1]")
-        if not (0 <= acc <= 100) or not math.isfinite(acc):
-            raise _paper_error(path, f"line {line}: accuracy {acc:g} is not a percentage in [0, 100]")
-        entries.append({"method": rec["method"], "target": rec["target"], "protocol": rec["protocol"],
-                        "label_fraction": frac, "accuracy": acc})
-    if all(e["accuracy"] <= 1 for e in entries):
-        raise _paper_error(path, "every accuracy is at most 1, which looks like fractions, not percent")
-    return entries
-
-
-def paper_cells(entries: list[dict], table: dict) -> tuple[dict[str, dict[str, dict]], list[dict]]:
-    """Published entries placed in ``table``'s columns: ``{method: {column key: {"accuracy", "n"}}}``
-    (several entries for one cell are averaged) and the entries that match no column."""
-    keys = {c["key"]: c for c in table["columns"]}
-    by_cell: dict[str, dict[str, list[float]]] = {}
-    unmatched = []
-    for e in entries:
-        key = next((k for k, c in keys.items() if c["target"] == e["target"] and c["protocol"] == e["protocol"]
-                    and math.isclose(c["label_fraction"], e["label_fraction"], rel_tol=1e-6)), None)
-        if key is None:
-            unmatched.append(e)
-        else:
-            by_cell.setdefault(e["method"], {}).setdefault(key, []).append(e["accuracy"])
-    cells = {m: {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in cols.items()}
-             for m, cols in by_cell.items()}
-    return cells, unmatched
 
 
 # ---- writers ---------------------------------------------------------------------------
@@ -233,8 +168,11 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
                 if table["other_groups"] else "") + ".", ""]
     if not cols:
         return "\n".join(lines + ["No results.", ""])
-    header = "| method | " + " | ".join(_column_label(c) for c in cols) + " |" + (" wall time |" if wall_times else "")
-    lines += [header, "|---|" + "---|" * (len(cols) + bool(wall_times))]
+    stored = table.get("storage") or {}
+    names = ["method", *(["stored numbers"] if stored else []), *map(_column_label, cols),
+             *(["wall time"] if wall_times else [])]
+    header = "| " + " | ".join(names) + " |"
+    lines += [header, "|---|" + "---|" * (len(cols) + bool(stored) + bool(wall_times))]
     paper = paper or {}
     for m in order + [m for m in paper if m not in order]:
         if m in order:
@@ -243,10 +181,12 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
                 t = cell_text(cells[m][c["key"]], typical)
                 texts.append(f"**{t}**" if m in table["best"].get(c["key"], []) and t != "–" else t)
             wall = f" {_wall((wall_times or {}).get(m))[1]} |" if wall_times else ""
-            lines.append(f"| {m} | " + " | ".join(texts) + " |" + wall)
+            size = (f" {stored[m]:,} |" if m in stored else " – |") if stored else ""
+            lines.append(f"| {m} |{size} " + " | ".join(texts) + " |" + wall)
         if m in paper:
             texts = [(f"_{paper[m][c['key']]['accuracy']:.1f}_" if c["key"] in paper[m] else "–") for c in cols]
-            lines.append(f"| _{m} (paper)_ | " + " | ".join(texts) + " |" + (" – |" if wall_times else ""))
+            lines.append(f"| _{m} (paper)_ |" + (" – |" if stored else "") + " " + " | ".join(texts) + " |"
+                         + (" – |" if wall_times else ""))
     level = f"{100 * table['level']:g} %"
     covers = interval_note.strip().rstrip(".") or \
         "same seed number = same label draw and, for distilled sets, the same initial draw"
@@ -270,6 +210,9 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
                            for e in unmatched[:10]) + ("; …" if len(unmatched) > 10 else "")
         lines.append(f"{len(unmatched)} paper entr{'y' if one else 'ies'} match{'es' if one else ''} no column here "
                      f"and {'is' if one else 'are'} not shown: {listed}.")
+    if stored:
+        lines.append("Stored numbers: what one set of the method stores (images, targets and a learned lr), "
+                     "first seed; – for methods that store no set.")
     if wall_times:
         lines.append("Wall time: as measured by the run for each method (stages as named).")
     return "\n".join(lines) + "\n"
@@ -278,7 +221,7 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
 def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None = None) -> str:
     fields = ["source", "method", "group", "target", "protocol", "label_fraction", "n", "mean", "std", "values",
               "diff_mean", "diff_lo", "diff_hi", "n_pairs", "compared", "not_compared_reason", "best",
-              "capture_pct", "capture_lo", "capture_hi", "wall_time_s"]
+              "capture_pct", "capture_lo", "capture_hi", "stored_numbers", "wall_time_s"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
@@ -301,7 +244,8 @@ def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None 
                              "compared": "yes" if diff else "no", "not_compared_reason": cell.get("diff_reason", ""),
                              "best": "yes" if m in table["best"].get(c["key"], []) and cell["n"] else "no",
                              "capture_pct": num(capture.get("mean")), "capture_lo": num(capture.get("lo")),
-                             "capture_hi": num(capture.get("hi")), "wall_time_s": num(wall)})
+                             "capture_hi": num(capture.get("hi")),
+                             "stored_numbers": (table.get("storage") or {}).get(m, ""), "wall_time_s": num(wall)})
     for m, by_key in (paper or {}).items():
         for c in table["columns"]:
             if c["key"] in by_key:
@@ -348,6 +292,9 @@ def compare_figure(path: Path, table: dict) -> None:
             if isinstance(diff, dict):
                 ax.errorbar([i], [diff["mean"]], yerr=[[diff["mean"] - diff["lo"]], [diff["hi"] - diff["mean"]]],
                             fmt="o", color="C3" if diff["beyond_noise"] else "C0", capsize=3)
+                if isinstance(cell.get("capture"), dict):
+                    ax.annotate(f"{cell['capture']['mean']:.0f} %", (i, diff["mean"]), fontsize=6, color="0.3",
+                                xytext=(4, 0), textcoords="offset points", va="center")
             else:
                 ax.plot([i], [0], marker="x", color="0.6")
                 ax.annotate(NOT_COMPARED, (i, 0), fontsize=6, color="0.4", rotation=90, ha="center", va="bottom",
@@ -361,7 +308,8 @@ def compare_figure(path: Path, table: dict) -> None:
     if not cols:
         axes[0, 0].text(0.5, 0.5, "no results", ha="center", va="center")
     fig.suptitle(f"paired difference to {base}, {100 * table['level']:g} % t-interval over seeds "
-                 f"({table['group']}; red: the interval excludes 0)", fontsize=9)
+                 f"({table['group']}; red: the interval excludes 0; labels: capture of the "
+                 f"{table.get('ceiling', 'full_ssl')} lead)", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -371,14 +319,14 @@ def compare_figure(path: Path, table: dict) -> None:
 
 def write_compare(out_dir: str | Path, rows: list[dict], methods: Iterable[str] | None = None,
                   baseline: str = "random_subset", paper_table: str | Path | None = None,
-                  wall_times: dict | None = None, interval_note: str = "") -> Path:
+                  wall_times: dict | None = None, interval_note: str = "", storage: dict[str, int] | None = None) -> Path:
     """``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` in ``out_dir``; returns
     the Markdown file. ``paper_table``: published numbers shown as marked extra rows (never bold);
     ``wall_times``: method -> seconds, or method -> {stage: seconds}; ``interval_note``: what varies
     between seeds (what the intervals cover)."""
     out_dir = Path(out_dir)
     entries = read_paper_table(paper_table) if paper_table is not None else []  # bad file: fail before writing
-    table = compare_table(rows, methods, baseline)
+    table = compare_table(rows, methods, baseline, storage=storage)
     paper, unmatched = paper_cells(entries, table) if entries else ({}, [])
     md = compare_markdown(table, paper, str(paper_table or ""), wall_times, unmatched, interval_note)
     artifacts.write_bytes(out_dir / "compare.csv", compare_csv(table, paper, wall_times).encode())

@@ -223,6 +223,13 @@ def image_shape(path: str | os.PathLike) -> list[int] | None:
     return artifacts.tensor_shapes(path).get("images")
 
 
+def stored_numbers(path: str | os.PathLike) -> int:
+    """How many numbers the set stores: its images, its targets, and its learned lr when it has one (from the
+    file's header alone). What a set costs, to compare sets of equal budget."""
+    count = sum(math.prod(shape) for shape in artifacts.tensor_shapes(path).values())
+    return count + (read_meta(path).get("lr") is not None)
+
+
 # ---- tensors and one metadata dict (how the pipeline, tests and scripts hand a set over) ------
 
 def save_arrays(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor, metadata: dict[str, Any]) -> None:

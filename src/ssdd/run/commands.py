@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ssdd import artifacts, determinism, distilled_set, layout, precision, report
-from ssdd.compare import read_paper_table, write_compare
+from ssdd.compare import write_compare
 from ssdd.config import Config
 from ssdd.data import save_dataset
 from ssdd.data.formats import read_source
@@ -20,6 +20,7 @@ from ssdd.distill import registry
 from ssdd.errors import UserError
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.models import build, encoder_from_artifact, model_spec
+from ssdd.paper_table import read_paper_table
 from ssdd.pretrain import pretrain_set
 from ssdd.run.core import Run
 from ssdd.run.setup import resolve_device, run_precision, single_process
@@ -130,6 +131,8 @@ def run_compare(cfg: Any, out: str | Path, paper_table: str | Path | None = None
             parts[f"{prep} (shared)"] = times.get(layout.prep_timing_key(prep), 0.0)
         wall[name] = parts
     rows = artifacts.read_json(layout.results_paths(out)[0])
-    path = write_compare(out, rows, cfg.methods, baseline, paper_table, wall, INTERVAL_NOTE)
+    storage = {m.name: distilled_set.stored_numbers(layout.distilled_path(out, m.name, 0))
+               for m in run.plan.set_methods() if layout.distilled_path(out, m.name, 0).is_file()}
+    path = write_compare(out, rows, cfg.methods, baseline, paper_table, wall, INTERVAL_NOTE, storage)
     log.info("compare: %s (this invocation %.1f s)", path, time.perf_counter() - start)
     return path
