@@ -137,10 +137,20 @@ def read_json(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: not valid JSON ({err})") from None
 
 
+def _reads_as_json(text: str) -> bool:
+    """Whether :func:`read_meta` would decode this string as something else (``"123"`` as a number): such a
+    string is stored JSON-encoded, so it reads back as the same string."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Save tensors with metadata; non-string metadata values are stored as JSON strings."""
     meta = {"ssdd_version": ssdd.__version__, **meta}
-    str_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    str_meta = {k: v if isinstance(v, str) and not _reads_as_json(v) else json.dumps(v) for k, v in meta.items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_bytes(path, _canonical_header(st_save_bytes(tensors, metadata=str_meta)))
 

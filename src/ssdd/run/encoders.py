@@ -4,19 +4,41 @@ the floor). The one place that knows those two by name."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
+from ssdd.config import Config
 from ssdd.distill import registry
 from ssdd.models import Encoder, build, encoder_from_artifact, model_spec
 from ssdd.pretrain import arch_spec, pretrain_set
-from ssdd.run.freshness import Unit
+from ssdd.run.freshness import Unit, Units
 
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
-    from ssdd.run.inputs import Inputs
-    from ssdd.run.plan import Plan
+
+class PlanView(Protocol):  # what a recipe reads of ssdd.run.plan.Plan (which picks the recipes)
+    units: Units
+
+    def set_unit(self, method: registry.Method, k: int) -> Unit: ...
+    def teacher_is_encoder(self) -> bool: ...
+
+
+class InputsView(Protocol):  # ... of ssdd.run.inputs.Inputs
+    plan: PlanView
+
+    def distilled_set(self, method: registry.Method, k: int) -> Path: ...
+    def encoder_file(self, method: registry.Method, k: int, arch: str | None) -> torch.nn.Module: ...
+    def source_shape(self) -> tuple[int, int, int]: ...
+    def teacher(self, channels: int, size: int) -> tuple[torch.nn.Module, int]: ...
+    def teacher_path(self) -> Path: ...
+
+
+class RunView(Protocol):  # ... of the run
+    cfg: Config
+    device: torch.device
+    progress: bool
+    inputs: InputsView
+
 
 Made = tuple[torch.nn.Module, dict, dict]  # (encoder on the CPU, its build spec, its metadata)
 
@@ -37,20 +59,20 @@ class EncoderRecipe:
         """The encoder seed that evaluation seed ``k`` evaluates."""
         return k
 
-    def writes_file(self, plan: Plan) -> bool:
+    def writes_file(self, plan: PlanView) -> bool:
         """Whether the pretrain stage writes this encoder's file."""
         return True
 
-    def unit(self, plan: Plan, k: int, arch: str | None) -> Unit:
+    def unit(self, plan: PlanView, k: int, arch: str | None) -> Unit:
         return plan.units.set_encoder(self.method.name, k, arch, plan.set_unit(self.method, k))
 
-    def make(self, run: Run, k: int, arch: str | None) -> Made:
+    def make(self, run: RunView, k: int, arch: str | None) -> Made:
         set_path = run.inputs.distilled_set(self.method, k)
         encoder, curve, spec = pretrain_set(run.cfg, set_path, run.cfg.seed + k, run.device, run.progress, arch)
         return encoder.cpu(), spec, {"method": self.method.name, "seed": run.cfg.seed + k,
                                      "distilled_set": set_path.name, "loss_curve": curve}
 
-    def load(self, inputs: Inputs, k: int, arch: str | None) -> torch.nn.Module:
+    def load(self, inputs: InputsView, k: int, arch: str | None) -> torch.nn.Module:
         return inputs.encoder_file(self.method, k, arch)
 
 
@@ -67,17 +89,17 @@ class TeacherRecipe(EncoderRecipe):
     def evaluated_seed(self, k: int) -> int:
         return 0
 
-    def writes_file(self, plan: Plan) -> bool:
+    def writes_file(self, plan: PlanView) -> bool:
         return plan.teacher_is_encoder()  # a TorchScript teacher is evaluated from its own file
 
-    def unit(self, plan: Plan, k: int, arch: str | None) -> Unit:
+    def unit(self, plan: PlanView, k: int, arch: str | None) -> Unit:
         return plan.units.teacher_encoder(self.method.name)
 
-    def make(self, run: Run, k: int, arch: str | None) -> Made:
+    def make(self, run: RunView, k: int, arch: str | None) -> Made:
         encoder, meta = encoder_from_artifact(run.inputs.teacher_path(), "cpu")
         return encoder, meta["model_spec"], {"method": self.method.name, "seed": run.cfg.seed + k}
 
-    def load(self, inputs: Inputs, k: int, arch: str | None) -> torch.nn.Module:
+    def load(self, inputs: InputsView, k: int, arch: str | None) -> torch.nn.Module:
         if inputs.plan.teacher_is_encoder():
             return super().load(inputs, k, arch)
         c, h, _ = inputs.source_shape()
@@ -88,10 +110,10 @@ class TeacherRecipe(EncoderRecipe):
 class RandomRecipe(EncoderRecipe):
     """``no_pretrain``: the student at its seeded random initialisation."""
 
-    def unit(self, plan: Plan, k: int, arch: str | None) -> Unit:
+    def unit(self, plan: PlanView, k: int, arch: str | None) -> Unit:
         return plan.units.random_encoder(self.method.name, k, arch)
 
-    def make(self, run: Run, k: int, arch: str | None) -> Made:
+    def make(self, run: RunView, k: int, arch: str | None) -> Made:
         c, h, _ = run.inputs.source_shape()
         spec: dict[str, Any] = {**(model_spec(run.cfg.model, c, h, 0) if arch is None else arch_spec(arch, c, h)),
                                 "out_dim": 0}

@@ -12,6 +12,7 @@ Knows no file names: paths come from the caller.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class Unit:
     legacy: str | None = None
     legacy_sidecar: tuple[Path, str] | None = None
 
-    @property
+    @functools.cached_property
     def fp(self) -> str:
         return fpr.of(self.inputs)
 
@@ -68,6 +69,9 @@ class Units:
     def __init__(self, cfg: Config, precision: str, out: Path):
         self.cfg, self.precision, self.out = cfg, precision, out
         self.legacy = Legacy(cfg, precision)
+        # every unit downstream chains to these: each made once per run (a cache of this instance's own)
+        self.source, self.target = functools.cache(self.source), functools.cache(self.target)
+        self.teacher, self.prep = functools.cache(self.teacher), functools.cache(self.prep)
 
     def _with_precision(self, upstream: dict[str, Any]) -> dict[str, Any]:
         return {**upstream, "precision": self.precision} if self.precision != "fp32" else upstream
@@ -182,8 +186,9 @@ def write_inputs_beside(path: Path, unit: Unit) -> None:
 
 
 def _as_text(value: Any) -> str | None:
-    """A stored fingerprint as text: safetensors metadata read back as JSON turns one of digits only into an
-    int (one like ``12e4...`` into a float, which cannot be read back: such an artifact is redone)."""
+    """A stored fingerprint as text. Artifacts written before strings that read as JSON were stored
+    JSON-encoded (:func:`ssdd.artifacts.save_tensors`) give one of digits only back as an int, and one like
+    ``12e4...`` as a float, which cannot be read back: such an artifact is redone."""
     if isinstance(value, bool) or value is None:
         return None
     return str(value) if isinstance(value, (str, int)) else None

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+import ssdd.run.freshness as freshness
 from ssdd import artifacts, layout
 from ssdd.data import ImageSet, Normalizer, load_dataset
 from ssdd.distill import registry
 from ssdd.distill.registry import SourceLabels
 from ssdd.evaluate import Target
 from ssdd.models import encoder_from_artifact
-from ssdd.run import freshness
 from ssdd.run.plan import Plan
 from ssdd.teacher import as_teacher, load_teacher
 

@@ -4,17 +4,15 @@ ranks in rounds, stops at unit boundaries, wall times."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import ssdd.run.freshness as freshness
 from ssdd import artifacts, distributed, layout
 from ssdd.checkpoint import Checkpointer, Hooks
 from ssdd.errors import Stopped
 from ssdd.fingerprint import explain
-from ssdd.run import freshness
 from ssdd.run.freshness import Unit
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 
 def fresh(path: Path, unit: Unit) -> bool:
@@ -23,13 +21,13 @@ def fresh(path: Path, unit: Unit) -> bool:
     return distributed.broadcast(freshness.fresh(path, unit) if distributed.is_main() else None)
 
 
-def checkpointer(run: Run, name: str, unit: Unit) -> Checkpointer:
+def checkpointer(run: RunState, name: str, unit: Unit) -> Checkpointer:
     return Checkpointer(run.out, name, unit.fp, run.cfg.checkpoint_every, run.cfg.checkpoint_minutes,
                         run.device.type, inputs=unit.inputs, accept=(unit.legacy,) if unit.legacy else (),
                         why=lambda stored: explain(stored, unit.inputs))
 
 
-def resumable(run: Run, name: str, unit: Unit, loop: Callable[[Hooks], Any]) -> tuple[Checkpointer, Any]:
+def resumable(run: RunState, name: str, unit: Unit, loop: Callable[[Hooks], Any]) -> tuple[Checkpointer, Any]:
     """Run a step loop with checkpoint hooks (resume, periodic saves, and the run's own stop request: one
     per run, so a signal during a unit's last step still stops the run before its next unit); the caller
     clears the checkpoints once it has saved the result."""
@@ -41,12 +39,12 @@ def resumable(run: Run, name: str, unit: Unit, loop: Callable[[Hooks], Any]) -> 
     return ckpt, result
 
 
-def check_stop(run: Run, stage: str, done: int) -> None:
+def check_stop(run: RunState, stage: str, done: int) -> None:
     if distributed.any_true(run.stop()):  # every rank reaches this at the same point
         raise Stopped(stage, done, str(run.out))
 
 
-def in_rounds(run: Run, stage: str, units: list, work: Callable[[Any], Any], keep: Callable[[Any, Any], None]) -> None:
+def in_rounds(run: RunState, stage: str, units: list, work: Callable[[Any], Any], keep: Callable[[Any, Any], None]) -> None:
     """Independent units (encoders, evaluations) spread over the ranks, one round of N at a time:
     rank r does unit ``i N + r`` of round i, rank 0 receives the round's results and keeps
     (writes) them, so every finished unit survives a stop. One process: one unit per round."""

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 
 class Stage:
@@ -18,8 +16,8 @@ class Stage:
     main_only = False
     atomic = False
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         raise NotImplementedError
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         raise NotImplementedError

@@ -7,27 +7,25 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+import ssdd.run.freshness as freshness
+import ssdd.run.units as units
 from ssdd import artifacts, distilled_set, layout
 from ssdd.data import ImageSet
 from ssdd.distill import registry
 from ssdd.distill.registry import DistillContext, DistilledSet, declared, random_index
 from ssdd.errors import UserError
 from ssdd.models import model_spec
-from ssdd.run import freshness, units
 from ssdd.run.freshness import Unit
 from ssdd.run.stages.base import Stage
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 log = logging.getLogger("ssdd")
 
 
-def distill_context(run: Run, source: ImageSet, heldout: ImageSet | None, cache: dict) -> DistillContext:
+def distill_context(run: RunState, source: ImageSet, heldout: ImageSet | None, cache: dict) -> DistillContext:
     """The context of the first seed; :func:`for_seed` derives the others."""
     c, h, _ = source.shape
     teacher, dim = run.inputs.teacher(c, h)
@@ -37,7 +35,7 @@ def distill_context(run: Run, source: ImageSet, heldout: ImageSet | None, cache:
                           run.progress, cache=cache, labels=run.inputs.labels())
 
 
-def for_seed(run: Run, ctx: DistillContext, k: int) -> DistillContext:
+def for_seed(run: RunState, ctx: DistillContext, k: int) -> DistillContext:
     seed = run.cfg.seed + k
     return dataclasses.replace(ctx, seed=seed, init_index=random_index(len(ctx.source), run.cfg.distill.m, seed),
                                heldout=ctx.heldout if k == 0 else None)  # the held-out check: first seed only
@@ -46,10 +44,10 @@ def for_seed(run: Run, ctx: DistillContext, k: int) -> DistillContext:
 class Distill(Stage):
     name = "distill"
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         return [layout.distilled_path(run.out, m.name, k) for m in run.plan.set_methods() for k in run.plan.seeds()]
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         plan = run.plan
         base = distill_context(run, run.inputs.source("train"), run.inputs.source("heldout"), cache={})
         for method in plan.set_methods():  # what can be refused (MKDT's memory) is, before any method's work
@@ -75,7 +73,7 @@ class Distill(Stage):
                 ckpt.clear()
 
     @staticmethod
-    def prep(run: Run, name: str, base: DistillContext) -> dict[str, torch.Tensor]:
+    def prep(run: RunState, name: str, base: DistillContext) -> dict[str, torch.Tensor]:
         """A preparatory stage's artifact, made once and reused by every method and seed that needs it."""
         path, unit, prep = layout.prep_path(run.out, name), run.plan.prep_unit(name), registry.get_prep(name)
         if units.fresh(path, unit):
@@ -90,7 +88,7 @@ class Distill(Stage):
         return tensors
 
 
-def save_set(run: Run, path: Path, name: str, k: int, unit: Unit, result: DistilledSet, ctx: DistillContext) -> None:
+def save_set(run: RunState, path: Path, name: str, k: int, unit: Unit, result: DistilledSet, ctx: DistillContext) -> None:
     targets = result.targets if result.targets is not None else torch.zeros(len(result.images), 0)
     if not (torch.isfinite(result.images).all() and torch.isfinite(targets).all()):
         raise UserError(f"distill: {name} (seed {k}) ended with NaN/inf in its set; lower its learning rates "

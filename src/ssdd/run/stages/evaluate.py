@@ -7,22 +7,19 @@ import csv
 import dataclasses
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+import ssdd.run.units as units
 from ssdd import artifacts, distilled_set, layout
 from ssdd.checkpoint import Checkpointer, Hooks
 from ssdd.errors import UserError
 from ssdd.evaluate import Target, evaluate_encoder
 from ssdd.evaluate.kd import kd_rows
 from ssdd.models import Encoder
-from ssdd.run import units
 from ssdd.run.plan import EvalUnit
 from ssdd.run.stages.base import Stage
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 
 def write_results(out: Path, rows: list[dict]) -> None:
@@ -39,10 +36,10 @@ def write_results(out: Path, rows: list[dict]) -> None:
 class Evaluate(Stage):
     name = "evaluate"
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         return list(layout.results_paths(run.out))
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         cfg = run.cfg
         targets = run.inputs.targets()
         todo, done = [], {}
@@ -66,7 +63,7 @@ class Evaluate(Stage):
         write_results(run.out, rows)
 
 
-def evaluate_unit(run: Run, unit: EvalUnit) -> list[dict]:
+def evaluate_unit(run: RunState, unit: EvalUnit) -> list[dict]:
     """One encoder on one target, every protocol; fine-tunes checkpoint mid-run (into this rank's own
     files under torchrun: units run on different ranks at once) and resume."""
     eval_cfg = run.cfg.evaluate if unit.arch is None else dataclasses.replace(run.cfg.evaluate, protocols=["finetune"])
@@ -83,12 +80,12 @@ def evaluate_unit(run: Run, unit: EvalUnit) -> list[dict]:
     return [{**row, "group": unit.group} for row in rows]
 
 
-def finetune_checkpointer(run: Run, unit: EvalUnit, fraction: float) -> Checkpointer:
+def finetune_checkpointer(run: RunState, unit: EvalUnit, fraction: float) -> Checkpointer:
     name = f"finetune-{unit.group}-{unit.path.stem}-{fraction:g}"
     return units.checkpointer(run, name, run.plan.units.finetune(unit.unit, fraction))
 
 
-def kd(run: Run, targets: list[Target]) -> list[dict]:
+def kd(run: RunState, targets: list[Target]) -> list[dict]:
     """The ``kd`` protocol (:func:`ssdd.evaluate.kd.kd_rows`) as one unit: each set method's students learn
     from its own distilled images."""
     path, unit = layout.kd_path(run.out), run.plan.kd_unit()

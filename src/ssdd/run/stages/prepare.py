@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,19 +11,17 @@ from ssdd.data import ImageSet, load_source, save_dataset
 from ssdd.data.sources import load_target
 from ssdd.errors import UserError
 from ssdd.run.stages.base import Stage
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 
 class Prepare(Stage):
     name, main_only, atomic = "prepare", True, True
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         return [layout.source_path(run.out, "train"), layout.source_path(run.out, "heldout")] + [
             p for t in run.cfg.data.targets for p in layout.target_paths(run.out, run.plan.target_names[t])]
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         data, units = run.cfg.data, run.plan.units
         source = load_source(data.source, data.size, "train", data.source_max_per_class or None)
         if data.heldout >= len(source):

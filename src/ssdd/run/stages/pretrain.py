@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import ssdd.run.units as units
 from ssdd import artifacts, distributed, layout
-from ssdd.run import units
 from ssdd.run.stages.base import Stage
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 
-def encoder_files(run: Run) -> list[tuple]:
+def encoder_files(run: RunState) -> list[tuple]:
     """(method, seed, arch, path) of every encoder file the stage writes."""
     plan = run.plan
     return [(m, k, a, layout.encoder_path(run.out, m.name, k, a)) for m in plan.methods for a in plan.archs(m)
@@ -24,10 +21,10 @@ def encoder_files(run: Run) -> list[tuple]:
 class Pretrain(Stage):
     name = "pretrain"
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         return [path for *_, path in encoder_files(run)] + [layout.pretrain_log_path(run.out)]
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         plan, todo = run.plan, []
         for method, k, arch, path in encoder_files(run):
             unit = plan.encoder_unit(method, k, arch)

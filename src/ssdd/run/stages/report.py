@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ssdd import layout, report
 from ssdd.run.stages.base import Stage
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
+from ssdd.run.state import RunState
 
 INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random draw (shared with that seed's "
                  "random_subset), the distillation's own randomness, the pre-training initialisation and the label "
@@ -23,8 +20,8 @@ INTERVAL_NOTE = ("Seed k is a whole replicate: the distillation's initial random
 class Report(Stage):
     name, main_only = "report", True
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         return [layout.report_path(run.out)]
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         report.write_report(run.out, methods=list(run.cfg.methods), interval_note=INTERVAL_NOTE)

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+import ssdd.run.freshness as freshness
+import ssdd.run.units as units
 from ssdd import artifacts
 from ssdd.data import ImageSet, load_source
 from ssdd.models import model_spec
-from ssdd.run import freshness, units
 from ssdd.run.stages.base import Stage
+from ssdd.run.state import RunState
 from ssdd.teacher import as_teacher, load_teacher_module, train_barlow_twins
-
-if TYPE_CHECKING:
-    from ssdd.run.core import Run
 
 log = logging.getLogger("ssdd")
 
@@ -24,10 +22,10 @@ log = logging.getLogger("ssdd")
 class Teacher(Stage):
     name = "teacher"
 
-    def outputs(self, run: Run) -> list[Path]:
+    def outputs(self, run: RunState) -> list[Path]:
         return [run.plan.teacher_file()]
 
-    def run(self, run: Run) -> None:
+    def run(self, run: RunState) -> None:
         cfg, unit, path = run.cfg, run.plan.units.teacher(), run.plan.teacher_file()
         data = run.inputs.source("train")
         norm = run.inputs.norm(data)
