@@ -18,7 +18,7 @@ STAGE_HELP = {
     "distill": "distil the source with every method in the preset's `methods` (KRR-ST, MKDT, baselines)",
     "pretrain": "pre-train encoders on each method's distilled sets (one per seed)",
     "evaluate": "transfer evaluation: linear probes and fine-tuning",
-    "report": "write report.md with tables and figures",
+    "report": "write report.md with tables and figures, and report.html (the same, one self-contained page)",
 }
 
 
@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
     p.add_argument("--deterministic", action="store_true", help="CUDA: deterministic kernels (slower), so a rerun "
                    "or a resumed run is bit-identical; CPU runs always are (config: deterministic = true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--log", choices=("none", "tensorboard"), help="tensorboard: live loss curves and pictures of "
+                   "the synthetic sets in OUT/tb/ (tensorboard --logdir OUT/tb; pip install 'ssdd[tb]'); "
+                   "default: the preset's `log`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep = stage_parsers["prepare"]
     prep.add_argument("source", nargs="?", help="standalone: a raw dataset path (or bundled name) to convert; "
                       "--out is then the dataset file to write")
-    prep.add_argument("--format", help="standalone: cifar10, cifar100, imagefolder, imagenet64, npz, bundled")
+    prep.add_argument("--format", help="standalone: cifar10, cifar100, imagefolder, imagenet64, npz, bundled, hf "
+                      "(a Hugging Face save_to_disk folder, or a folder or glob of parquet files; "
+                      "pip install 'ssdd[hf]')")
     prep.add_argument("--size", type=int, default=32, help="standalone: image size in pixels (default 32)")
     prep.add_argument("--split", default="train", help="standalone: train, val or test (default train)")
     prep.add_argument("--max-per-class", type=int, default=None, help="standalone: keep at most K images per class")
+    prep.add_argument("--image-column", help="standalone, --format hf: the image column (default: image or img; "
+                      "in a spec: hf[image=COL]:PATH)")
+    prep.add_argument("--label-column", help="standalone, --format hf: the label column (default: label or labels, "
+                      "if any; none = unlabelled; in a spec: hf[label=COL]:PATH)")
     stage_parsers["distill"].add_argument("--teacher", help="a teacher trained elsewhere: ssdd encoder, state dict "
                                           "(.safetensors / .pt, weights only) or TorchScript")
     stage_parsers["pretrain"].add_argument("--distilled", help="standalone: pre-train on this distilled set")
@@ -74,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="convert another tool's distilled set into an ssdd distilled-set artifact")
     imp.add_argument("files", nargs="+", metavar="FILE", help="krr_st: x_syn.pt y_syn.pt; mkdt: images_N.pt "
                      "labels_N.pt [synlr_N.pt]; (or the folder holding them); npz: one .npz; imagefolder: a folder")
-    imp.add_argument("--format", required=True, help="krr_st, mkdt, npz or imagefolder")
+    imp.add_argument("--format", required=True, help="krr_st, mkdt, npz, imagefolder or hf (a Hugging Face "
+                     "save_to_disk folder or parquet file: an `export --format hf` reads back exactly)")
     imp.add_argument("--out", required=True, help="the artifact to write, e.g. distilled/NAME.safetensors")
     imp.add_argument("--image-space", default="auto", help="auto (default: what the file records or its format's "
                      "code implies, else values within [0,1] = raw), raw (pixel/255) or normalized (needs --mean "
@@ -84,27 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--objective", default="auto", help="auto (labels / one-hot rows: cross_entropy, real-valued "
                      "vectors: mse), mse or cross_entropy (soft labels)")
     imp.add_argument("--method", help="the method name recorded in the set (default: the --out file's stem)")
-    exp = sub.add_parser("export", help="write a distilled set for other tools: PNGs + targets.npz, or one .npz")
+    exp = sub.add_parser("export", help="write a distilled set for other tools: PNGs + targets.npz, one .npz, or a "
+                         "Hugging Face dataset")
     exp.add_argument("distilled", help="a distilled-set artifact (.safetensors)")
     exp.add_argument("--format", required=True, help="imagefolder (a folder of PNGs in [0,1] pixel space and "
-                     "targets.npz) or npz (exact images, targets, lr and metadata)")
-    exp.add_argument("--out", required=True, help="imagefolder: the folder to write; npz: the .npz file (or a folder)")
+                     "targets.npz), npz (exact images, targets, lr and metadata) or hf (a datasets save_to_disk "
+                     "folder: PNG and exact images, targets; lr and metadata in its info; pip install 'ssdd[hf]')")
+    exp.add_argument("--out", required=True, help="imagefolder, hf: the folder to write; npz: the .npz file (or a "
+                     "folder)")
     run = sub.add_parser("run", help="run the stages in order, skipping those already done for this config")
     _common(run)
     run.add_argument("--until", default=None, help="stop after this stage")
     demo = sub.add_parser("demo", help="ssdd run --preset demo --out runs/demo")
     _common(demo, out_default="runs/demo")
     cmp = sub.add_parser("compare", help="run every stage the methods still miss (resuming), then one table: "
-                         "each method beside random_subset with paired 95 %% intervals (compare.md/csv/json/png)")
+                         "each method beside random_subset with paired 95 %% intervals (compare.md/csv/json/png/html)")
     _common(cmp)
     cmp.add_argument("--methods", nargs="+", help="methods to compare (default: the preset's `methods`)")
     cmp.add_argument("--paper-table", help="a CSV of published numbers (method,target,protocol,label_fraction,"
                      "accuracy in %%) shown beside ours, marked as such")
     diag = sub.add_parser("diagnose", help="diagnostics of the distillation objectives")
-    diag.add_argument("what", choices=["grad-variance"], help="grad-variance: variance of the outer gradient "
-                      "w.r.t. the synthetic images over repeated draws, naive bilevel SSL vs KRR-ST")
+    diag.add_argument("what", choices=["grad-variance", "images-vs-targets"], help="grad-variance: variance of the "
+                      "outer gradient w.r.t. the synthetic images over repeated draws, naive bilevel SSL vs KRR-ST; "
+                      "images-vs-targets: a distilled set's held-out KRR-ST gain split into what its images and its "
+                      "learned targets give, and how far each moved")
     _common(diag)
-    diag.add_argument("--draws", type=int, default=16, help="gradient draws per method (default 16)")
+    diag.add_argument("--draws", type=int, default=16, help="grad-variance: gradient draws per method (default 16)")
+    diag.add_argument("--method", default="krr_st", help="images-vs-targets: the method whose set to split "
+                      "(default krr_st; sets with learned MSE targets)")
+    diag.add_argument("--seed-index", type=int, default=0, help="images-vs-targets: which of the run's seeds, k for "
+                      "seed + k (distilled/<method>.seed<k>.safetensors; default 0)")
     return parser
 
 
@@ -139,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["precision"] = args.precision
         if getattr(args, "deterministic", False):
             overrides["deterministic"] = "true"
+        if getattr(args, "log", None):
+            overrides["log"] = args.log
         if args.command == "evaluate":
             for option, key in (("protocols", "evaluate.protocols"), ("seeds", "evaluate.seeds"),
                                 ("label_fractions", "evaluate.linear_fractions")):
@@ -149,9 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress
         if args.command == "prepare" and args.source:
             if not args.format:
-                raise UserError("prepare: --format is required with a SOURCE (cifar10, cifar100, imagefolder, "
+                raise UserError("prepare: --format is required with a SOURCE (cifar10, cifar100, imagefolder, hf, "
                                 "imagenet64, npz, bundled)")
-            commands.prepare_file(args.source, args.format, args.size, args.out, args.split, args.max_per_class)
+            commands.prepare_file(args.source, args.format, args.size, args.out, args.split, args.max_per_class,
+                                  args.image_column, args.label_column, progress)
+        elif args.command == "prepare" and (args.image_column or args.label_column):
+            raise UserError("prepare: --image-column/--label-column go with a SOURCE; in a preset write the spec "
+                            "hf[image=COL,label=COL]:PATH")
         elif args.command == "pretrain" and args.distilled:
             commands.pretrain_file(cfg, args.distilled, args.out, args.device, progress)
         elif args.command == "evaluate" and args.targets and not args.encoder:
@@ -164,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.methods:
                 cfg.methods = list(args.methods)
             commands.run_compare(cfg, args.out, args.paper_table, args.device, progress)
+        elif args.command == "diagnose" and args.what == "images-vs-targets":
+            from ssdd.run.commands import diagnose_images_vs_targets
+            diagnose_images_vs_targets(cfg, args.out, args.method, args.seed_index, args.device, progress)
         elif args.command == "diagnose":
             if args.draws < 2:
                 raise UserError(f"--draws must be at least 2, got {args.draws}")

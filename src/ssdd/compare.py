@@ -89,10 +89,13 @@ def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseli
         order.append(baseline)
     columns = _columns([r for r in mine if r["method"] in order])
     values: dict[str, dict[str, dict[int, float]]] = {m: {c["key"]: {} for c in columns} for m in order}
+    recipes: dict[str, dict[str, dict[int, str]]] = {m: {c["key"]: {} for c in columns} for m in order}
     for r in mine:
         if r["method"] in values:
-            values[r["method"]][column_key(r["target"], r["protocol"], r["label_fraction"])][r["seed"]] = \
-                100.0 * float(r["accuracy"])
+            key = column_key(r["target"], r["protocol"], r["label_fraction"])
+            values[r["method"]][key][r["seed"]] = 100.0 * float(r["accuracy"])
+            if r.get("recipe"):  # the pre-training recipe of this seed's encoder (pretrain.recipes)
+                recipes[r["method"]][key][r["seed"]] = r["recipe"]
     cells = {m: {} for m in order}
     best: dict[str, list[str]] = {}
     for col in columns:
@@ -101,6 +104,8 @@ def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseli
         top_values = values.get(ceiling, {}).get(key) or None
         for m in order:
             cells[m][key] = _cell(values[m][key], base, m == baseline)
+            if recipes[m][key]:
+                cells[m][key]["recipes"] = [recipes[m][key].get(s) for s in cells[m][key]["seeds"]]
             if m not in (baseline, ceiling) and cells[m][key]["n"]:
                 cells[m][key]["capture"] = capture(values[m][key], base, top_values, LEVEL)
         means = {m: round(cells[m][key]["mean"], 1) for m in order if cells[m][key]["n"]}  # ties as displayed
@@ -115,7 +120,7 @@ def compare_table(rows: list[dict], methods: Iterable[str] | None = None, baseli
 
 # ---- writers ---------------------------------------------------------------------------
 
-def _wall(value: Any) -> tuple[float | None, str]:
+def wall_time(value: Any) -> tuple[float | None, str]:
     """Seconds (a number, or a dict of stage -> seconds) -> (total seconds, text)."""
     def minutes(s: float) -> str:
         return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
@@ -130,7 +135,7 @@ def _wall(value: Any) -> tuple[float | None, str]:
     return None, "–"
 
 
-def _column_label(col: dict) -> str:
+def column_label(col: dict) -> str:
     return f"{col['target']} · {col['protocol']} · {fmt_fraction(col['label_fraction'])} labels"
 
 
@@ -152,16 +157,23 @@ def cell_text(cell: dict, typical_n: int | None = None) -> str:
         bounds = ("unbounded" if not math.isfinite(capture["lo"]) else
                   "[" + ", ".join(f"{x:+.0f}".replace("-", "−") for x in (capture["lo"], capture["hi"])) + "]")
         notes.append(f"capture {capture['mean']:.0f} % {bounds}")
+    if cell.get("recipes"):
+        notes.append("recipe " + "/".join(str(r) for r in cell["recipes"]))
     return f"{text} ({', '.join(notes)})"
+
+
+def typical_n(table: dict) -> int | None:
+    """The most common number of seeds per cell: cells with it do not repeat their n."""
+    cells = table["cells"]
+    ns = [cells[m][c["key"]]["n"] for m in table["methods"] for c in table["columns"] if cells[m][c["key"]]["n"]]
+    return Counter(ns).most_common(1)[0][0] if ns else None
 
 
 def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = None, paper_source: str = "",
                      wall_times: dict | None = None, unmatched: list[dict] | None = None,
                      interval_note: str = "") -> str:
     cols, order, cells = table["columns"], table["methods"], table["cells"]
-    ns = [cells[m][c["key"]]["n"] for m in order for c in cols if cells[m][c["key"]]["n"]]
-    typical = Counter(ns).most_common(1)[0][0] if ns else None
-    base = table["baseline"]
+    typical = typical_n(table)
     lines = ["# Method comparison", "",
              f"Architecture group: {table['group'] or '(none)'}"
              + (f" (other groups in the results, not shown: {', '.join(table['other_groups'])})"
@@ -169,7 +181,7 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
     if not cols:
         return "\n".join(lines + ["No results.", ""])
     stored = table.get("storage") or {}
-    names = ["method", *(["stored numbers"] if stored else []), *map(_column_label, cols),
+    names = ["method", *(["stored numbers"] if stored else []), *map(column_label, cols),
              *(["wall time"] if wall_times else [])]
     header = "| " + " | ".join(names) + " |"
     lines += [header, "|---|" + "---|" * (len(cols) + bool(stored) + bool(wall_times))]
@@ -180,22 +192,32 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
             for c in cols:
                 t = cell_text(cells[m][c["key"]], typical)
                 texts.append(f"**{t}**" if m in table["best"].get(c["key"], []) and t != "–" else t)
-            wall = f" {_wall((wall_times or {}).get(m))[1]} |" if wall_times else ""
+            wall = f" {wall_time((wall_times or {}).get(m))[1]} |" if wall_times else ""
             size = (f" {stored[m]:,} |" if m in stored else " – |") if stored else ""
             lines.append(f"| {m} |{size} " + " | ".join(texts) + " |" + wall)
         if m in paper:
             texts = [(f"_{paper[m][c['key']]['accuracy']:.1f}_" if c["key"] in paper[m] else "–") for c in cols]
             lines.append(f"| _{m} (paper)_ |" + (" – |" if stored else "") + " " + " | ".join(texts) + " |"
                          + (" – |" if wall_times else ""))
+    lines += [""] + compare_notes(table, paper, paper_source, wall_times, unmatched, interval_note)
+    return "\n".join(lines) + "\n"
+
+
+def compare_notes(table: dict, paper: dict | None = None, paper_source: str = "", wall_times: dict | None = None,
+                  unmatched: list[dict] | None = None, interval_note: str = "") -> list[str]:
+    """The sentences under the table (Markdown inline marks: ``**bold**``, ``_(paper)_``): what a cell
+    holds, what capture is, where published rows come from."""
+    order, cols, cells, base = table["methods"], table["columns"], table["cells"], table["baseline"]
+    typical, stored = typical_n(table), table.get("storage") or {}
     level = f"{100 * table['level']:g} %"
     covers = interval_note.strip().rstrip(".") or \
         "same seed number = same label draw and, for distilled sets, the same initial draw"
     seeds = f" (n={typical} seeds unless a cell says otherwise)" if typical else ""
-    lines += ["", f"Cells: test accuracy (%) as mean ± std over seeds{seeds}; in parentheses the mean paired "
-              f"difference to {base} in accuracy points and its {level} Student-t interval over the paired seeds "
-              f"({covers}). An interval that excludes 0 is a difference beyond seed noise; \"{NOT_COMPARED}\" means "
-              f"fewer than two paired seeds or no {base} result. **Bold**: the highest mean in the column (a "
-              "ranking, not a test)."]
+    lines = [f"Cells: test accuracy (%) as mean ± std over seeds{seeds}; in parentheses the mean paired "
+             f"difference to {base} in accuracy points and its {level} Student-t interval over the paired seeds "
+             f"({covers}). An interval that excludes 0 is a difference beyond seed noise; \"{NOT_COMPARED}\" means "
+             f"fewer than two paired seeds or no {base} result. **Bold**: the highest mean in the column (a "
+             "ranking, not a test)."]
     if any(isinstance(cells[m][c["key"]].get("capture"), dict) for m in order for c in cols):
         lines.append(f"Capture: (method − {base}) / ({table['ceiling']} − {base}) in %, the share of the "
                      f"{table['ceiling']} lead over {base} that the method recovers, from means over the seeds all "
@@ -215,13 +237,13 @@ def compare_markdown(table: dict, paper: dict[str, dict[str, dict]] | None = Non
                      "first seed; – for methods that store no set.")
     if wall_times:
         lines.append("Wall time: as measured by the run for each method (stages as named).")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None = None) -> str:
     fields = ["source", "method", "group", "target", "protocol", "label_fraction", "n", "mean", "std", "values",
               "diff_mean", "diff_lo", "diff_hi", "n_pairs", "compared", "not_compared_reason", "best",
-              "capture_pct", "capture_lo", "capture_hi", "stored_numbers", "wall_time_s"]
+              "capture_pct", "capture_lo", "capture_hi", "stored_numbers", "wall_time_s", "recipes"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
@@ -230,7 +252,7 @@ def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None 
         return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
 
     for m in table["methods"]:
-        wall = _wall((wall_times or {}).get(m))[0]
+        wall = wall_time((wall_times or {}).get(m))[0]
         for c in table["columns"]:
             cell = table["cells"][m][c["key"]]
             diff = cell["diff"] if isinstance(cell["diff"], dict) else {}
@@ -245,7 +267,8 @@ def compare_csv(table: dict, paper: dict | None = None, wall_times: dict | None 
                              "best": "yes" if m in table["best"].get(c["key"], []) and cell["n"] else "no",
                              "capture_pct": num(capture.get("mean")), "capture_lo": num(capture.get("lo")),
                              "capture_hi": num(capture.get("hi")),
-                             "stored_numbers": (table.get("storage") or {}).get(m, ""), "wall_time_s": num(wall)})
+                             "stored_numbers": (table.get("storage") or {}).get(m, ""), "wall_time_s": num(wall),
+                             "recipes": ";".join(str(r) for r in cell.get("recipes") or [])})
     for m, by_key in (paper or {}).items():
         for c in table["columns"]:
             if c["key"] in by_key:
@@ -301,7 +324,7 @@ def compare_figure(path: Path, table: dict) -> None:
                             xytext=(0, 4), textcoords="offset points")
         ax.set_xticks(range(len(others)), others, rotation=45, ha="right", fontsize=7)
         ax.set_xlim(-0.6, max(len(others), 1) - 0.4)
-        ax.set_title(_column_label(col), fontsize=8)
+        ax.set_title(column_label(col), fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     for row in axes:
         row[0].set_ylabel(f"method − {base} (points)", fontsize=7)
@@ -317,6 +340,34 @@ def compare_figure(path: Path, table: dict) -> None:
     artifacts.write_bytes(path, buf.getvalue())
 
 
+def comparison(rows: list[dict], methods: Iterable[str] | None = None, baseline: str = "random_subset",
+               paper_table: str | Path | None = None, storage: dict[str, int] | None = None) -> dict:
+    """The comparison's numbers, computed once (``compare.md``/``.csv``/``.json`` and ``compare.html`` all
+    render it): ``table`` (:func:`compare_table`), ``paper`` and ``unmatched`` (the published numbers of
+    ``paper_table`` matched to its columns) and ``paper_source``. A bad paper table fails here, before any
+    file is written."""
+    entries = read_paper_table(paper_table) if paper_table is not None else []
+    table = compare_table(rows, methods, baseline, storage=storage)
+    paper, unmatched = paper_cells(entries, table) if entries else ({}, [])
+    return {"table": table, "paper": paper, "unmatched": unmatched, "paper_source": str(paper_table or "")}
+
+
+def write_compare_files(out_dir: str | Path, comp: dict, wall_times: dict | None = None,
+                        interval_note: str = "") -> Path:
+    """``compare.md``, ``compare.csv``, ``compare.json`` and ``compare.png`` of a :func:`comparison` in
+    ``out_dir``; returns the Markdown file."""
+    out_dir, table, paper = Path(out_dir), comp["table"], comp["paper"]
+    md = compare_markdown(table, paper, comp["paper_source"], wall_times, comp["unmatched"], interval_note)
+    artifacts.write_bytes(out_dir / "compare.csv", compare_csv(table, paper, wall_times).encode())
+    artifacts.write_json(out_dir / "compare.json", _clean({
+        **table, "paper": {"source": comp["paper_source"] or None, "cells": paper, "unmatched": comp["unmatched"]},
+        "wall_times": wall_times or {}}))
+    compare_figure(out_dir / "compare.png", table)
+    path = out_dir / "compare.md"
+    artifacts.write_bytes(path, md.encode())
+    return path
+
+
 def write_compare(out_dir: str | Path, rows: list[dict], methods: Iterable[str] | None = None,
                   baseline: str = "random_subset", paper_table: str | Path | None = None,
                   wall_times: dict | None = None, interval_note: str = "", storage: dict[str, int] | None = None) -> Path:
@@ -324,20 +375,8 @@ def write_compare(out_dir: str | Path, rows: list[dict], methods: Iterable[str] 
     the Markdown file. ``paper_table``: published numbers shown as marked extra rows (never bold);
     ``wall_times``: method -> seconds, or method -> {stage: seconds}; ``interval_note``: what varies
     between seeds (what the intervals cover)."""
-    out_dir = Path(out_dir)
-    entries = read_paper_table(paper_table) if paper_table is not None else []  # bad file: fail before writing
-    table = compare_table(rows, methods, baseline, storage=storage)
-    paper, unmatched = paper_cells(entries, table) if entries else ({}, [])
-    md = compare_markdown(table, paper, str(paper_table or ""), wall_times, unmatched, interval_note)
-    artifacts.write_bytes(out_dir / "compare.csv", compare_csv(table, paper, wall_times).encode())
-    artifacts.write_json(out_dir / "compare.json", _clean({
-        **table, "paper": {"source": str(paper_table) if paper_table else None, "cells": paper,
-                           "unmatched": unmatched},
-        "wall_times": wall_times or {}}))
-    compare_figure(out_dir / "compare.png", table)
-    path = out_dir / "compare.md"
-    artifacts.write_bytes(path, md.encode())
-    return path
+    return write_compare_files(out_dir, comparison(rows, methods, baseline, paper_table, storage), wall_times,
+                               interval_note)
 
 
 # ---- orchestration: `ssdd compare` --------------------------------------------------------

@@ -146,8 +146,17 @@ class DistillCommon:
     flip: bool = True
     crop_pad: int = 4
     target_views: int = 1  # targets = teacher features averaged over this many crop/flip views (1 = plain)
-    ROLES: ClassVar[dict[str, Role]] = roles("m batch image_space flip crop_pad", target_views=neutral(1))
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"image_space": ("normalized", "reference")}
+    # fixed views per image, each with its own target (ssdd.views): none, rot (Boost's 4 rotations), flip, crops.
+    # Real subsets take the teacher's view targets, krr_st learns them; pre-training regresses every view
+    views: str = "none"
+    view_store: str = "targets"  # how view targets are stored: "targets", or "approx" (one small MLP per view)
+    view_approx_hidden: int = 32  # hidden width of each view's MLP (view_store = "approx")
+    ROLES: ClassVar[dict[str, Role]] = roles("m batch image_space flip crop_pad", target_views=neutral(1),
+                                           views=neutral("none"), view_store=neutral("targets"),
+                                           view_approx_hidden=neutral(32))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"image_space": ("normalized", "reference"),
+                                                     "views": ("none", "rot", "flip", "crops"),
+                                                     "view_store": ("targets", "approx")}
 
 
 @dataclass
@@ -158,7 +167,12 @@ class PretrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-3
-    ROLES: ClassVar[dict[str, Role]] = roles("epochs batch lr momentum weight_decay", archs=META)  # each encoder unit names its arch
+    # named recipes (ssdd.pretrain_recipes): one = every encoder uses it; several = each method and seed keeps
+    # the one whose linear probe scores best on the validation split of the in-domain target (never on test)
+    recipes: list[str] = field(default_factory=lambda: ["short"])
+    choose_on: str = ""  # the target spec the choice reads; "" = the one that is data.source, else the first
+    ROLES: ClassVar[dict[str, Role]] = roles("epochs batch lr momentum weight_decay", archs=META,  # each encoder unit names its arch
+                                           recipes=neutral(["short"]), choose_on=neutral(""))
 
 
 @dataclass
@@ -210,6 +224,10 @@ class Config:
     # CUDA: deterministic kernels (slower), so a rerun or a resumed run equals an uninterrupted one bit for bit;
     # CPU kernels always are. Changes rounding only, so it is not part of any fingerprint.
     deterministic: bool = False
+    # "tensorboard": live curves and pictures of the synthetic sets in <out>/tb/ (ssdd.live_log; needs the
+    # tensorboard package, pip install 'ssdd[tb]'); neither key changes a result, so no fingerprint holds them
+    log: str = "none"
+    log_images_every: int = 0  # steps between pictures of a synthetic set; 0 = about 20 per distillation
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # pool models and students
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -218,8 +236,9 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ROLES: ClassVar[dict[str, Role]] = roles("seed data model teacher distill pretrain evaluate", methods=META, checkpoint_every=META,
                                            checkpoint_minutes=META, deterministic=NUMERICS,
-                                           precision=META)  # the resolved precision is a unit input of its own
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("auto", "fp32", "bf16")}
+                                           precision=META,  # the resolved precision is a unit input of its own
+                                           log=META, log_images_every=META)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("auto", "fp32", "bf16"), "log": ("none", "tensorboard")}
 
 
 # ---- method sections: declared beside their methods, collected here ----------------------------
@@ -342,7 +361,7 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config: {key} must be positive, got {value}")
-    for key, value in {"seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
+    for key, value in {"seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every, "log_images_every": cfg.log_images_every,
                        "data.source_max_per_class": cfg.data.source_max_per_class,
                        "data.target_max_per_class": cfg.data.target_max_per_class}.items():
         if value < 0:
@@ -362,6 +381,12 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config: evaluate.protocols: unknown protocol '{proto}' (valid: linear, finetune, kd)")
     if not cfg.data.targets:
         raise UserError("config: data.targets must name at least one target dataset")
+    from ssdd.pretrain_recipes import NAMES
+    if not cfg.pretrain.recipes or any(r not in NAMES for r in cfg.pretrain.recipes):
+        raise UserError(f"config: pretrain.recipes must name one or more of {', '.join(NAMES)}, got {cfg.pretrain.recipes}")
+    if cfg.pretrain.choose_on and cfg.pretrain.choose_on not in cfg.data.targets:
+        raise UserError(f"config: pretrain.choose_on must be one of data.targets {cfg.data.targets}, got "
+                        f"{cfg.pretrain.choose_on!r}")
     _check_sections(cfg.distill)
 
 

@@ -17,6 +17,10 @@ Metadata, schema version 2 (``schema_version``):
 - ``mean``, ``std``: per-channel statistics (one value, or one per channel), required for a normalised set;
 - ``model_spec`` (optional): the spec pre-training builds its student from;
 - ``fingerprint`` (optional): the config fingerprint the pipeline reuses the set by;
+- ``views`` (optional, only when not ``none``): the view family (:mod:`ssdd.views`); the set then also
+  holds the targets of the K-1 further views of every image, either stored (tensor ``view_targets``
+  (m, K-1, d)) or as an approximation network (tensors ``view_net.*``, :mod:`ssdd.views.approx`), and
+  pre-training regresses all m·K (view, target) pairs (:meth:`DistilledArtifact.pairs`);
 - ``kind`` (``distilled_set``) and ``ssdd_version``; every other key is free metadata (seed, init_index,
   losses, heldout_check, imported_from, ...).
 
@@ -37,6 +41,8 @@ import torch
 
 from ssdd import artifacts
 from ssdd.errors import UserError
+from ssdd.views import approx as view_approx
+from ssdd.views import transforms as views
 
 SCHEMA_VERSION = 2
 KIND = "distilled_set"
@@ -45,7 +51,7 @@ SPACES = ("normalized", "reference")
 SPACE_NOTES = {"normalized": "normalised: (pixel/255 - mean) / std",
                "reference": "reference: raw pixel/255 in [0,1], not normalised (as the reference code)"}
 # Keys the artifact's fields hold, and keys save() writes around them; the rest is free metadata.
-FIELDS = ("method", "objective", "lr", "image_space", "mean", "std", "model_spec", "fingerprint")
+FIELDS = ("method", "objective", "lr", "image_space", "mean", "std", "model_spec", "fingerprint", "views")
 ENVELOPE = ("kind", "schema_version", "ssdd_version", "image_space_note")
 REQUIRED = ("method", "objective", "lr", "image_space")  # recorded by every version-2 file
 
@@ -96,6 +102,9 @@ class DistilledArtifact:
     model_spec: dict[str, Any] | None = None
     fingerprint: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    views: str = views.NONE
+    view_targets: torch.Tensor | None = None  # (m, K-1, d): the targets of views 1..K-1, when stored
+    view_net: dict[str, torch.Tensor] | None = None  # or the approximation network that gives them
     schema_version: int = SCHEMA_VERSION
     path: Path | None = None
     recorded: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -120,7 +129,7 @@ class DistilledArtifact:
                    objective=metadata.get("objective", "mse"), lr=metadata.get("lr"),
                    image_space=metadata.get("image_space", "reference"), mean=metadata.get("mean"),
                    std=metadata.get("std"), model_spec=metadata.get("model_spec"),
-                   fingerprint=metadata.get("fingerprint"),
+                   fingerprint=metadata.get("fingerprint"), views=metadata.get("views", views.NONE),
                    meta={k: v for k, v in metadata.items() if k not in FIELDS and k not in ENVELOPE},
                    schema_version=version, path=Path(path), recorded=dict(metadata))
 
@@ -133,6 +142,8 @@ class DistilledArtifact:
         for key in ("mean", "std", "model_spec", "fingerprint"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.views != views.NONE:
+            out["views"] = self.views
         clash = sorted(set(self.meta) & set(out))
         if clash:
             raise ValueError(f"distilled set: free metadata {clash} would overwrite the set's own fields")
@@ -183,7 +194,52 @@ class DistilledArtifact:
                             f"got {type(self.model_spec).__name__}")
         if not isinstance(self.method, str) or not self.method:
             raise UserError(f"{where}: metadata 'method' must be a non-empty string, got {self.method!r}")
+        self._validate_views(where)
         return self
+
+    def _validate_views(self, where: Any) -> None:
+        if self.views not in views.FAMILIES:
+            raise UserError(f"{where}: metadata 'views' must be one of {', '.join(views.FAMILIES)}, got {self.views!r}")
+        if self.views == views.NONE:
+            if self.view_targets is not None or self.view_net is not None:
+                raise UserError(f"{where}: the set holds view targets but its metadata 'views' is none")
+            return
+        if self.objective != "mse":
+            raise UserError(f"{where}: views need MSE targets (objective mse), got objective {self.objective}")
+        m, d, v = len(self.targets), self.targets.shape[1], views.count(self.views) - 1
+        if (self.view_targets is None) == (self.view_net is None):
+            raise UserError(f"{where}: views {self.views!r} need exactly one of the tensors view_targets or "
+                            f"view_net.* (the approximation network)")
+        if self.view_targets is not None and tuple(self.view_targets.shape) != (m, v, d):
+            raise UserError(f"{where}: expected view_targets of shape {(m, v, d)} for views {self.views!r}, "
+                            f"got {tuple(self.view_targets.shape)}")
+        if self.view_net is not None:
+            w1 = self.view_net["w1"]
+            if w1.ndim != 3 or w1.shape[0] != v or w1.shape[2] != d:
+                raise UserError(f"{where}: view_net.w1 must be (K-1={v}, hidden, d={d}), got {tuple(w1.shape)}")
+
+    def all_view_targets(self) -> torch.Tensor | None:
+        """The targets (m, K-1, d) of views 1..K-1: stored, or rebuilt by the approximation network."""
+        if self.view_net is not None:
+            with torch.no_grad():
+                return view_approx.predict(self.view_net, self.targets.float())
+        return self.view_targets
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What pre-training regresses: every view of every image with its target, (m·K) rows, view-major
+        (without views: the images and targets themselves)."""
+        if self.views == views.NONE:
+            return self.images, self.targets
+        return views.expand(self.images, self.views), views.expand_targets(self.targets, self.all_view_targets())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors :func:`save` writes."""
+        out = {"images": self.images.float(), "targets": self.targets.float()}
+        if self.view_targets is not None:
+            out["view_targets"] = self.view_targets.float()
+        if self.view_net is not None:
+            out.update(view_approx.to_tensors(self.view_net))
+        return out
 
     def to_unit(self) -> torch.Tensor:
         """The images in pixel/255 space, not clipped."""
@@ -198,14 +254,15 @@ def save(path: str | os.PathLike, artifact: DistilledArtifact) -> None:
     """Write the set atomically at the current schema version (its values are the writer's to check)."""
     artifact.path = Path(path)
     artifact.validate(values=False)
-    artifacts.save_tensors(path, {"images": artifact.images.float(), "targets": artifact.targets.float()},
-                           artifact.metadata())
+    artifacts.save_tensors(path, artifact.tensors(), artifact.metadata())
 
 
 def load(path: str | os.PathLike) -> DistilledArtifact:
     """A distilled set from its file, checked (:meth:`DistilledArtifact.validate`)."""
     tensors, metadata = artifacts.load_tensors(path, required=("images", "targets"))
-    return DistilledArtifact.from_metadata(tensors["images"], tensors["targets"], metadata, path).validate()
+    artifact = DistilledArtifact.from_metadata(tensors["images"], tensors["targets"], metadata, path)
+    artifact.view_targets, artifact.view_net = tensors.get("view_targets"), view_approx.from_tensors(tensors)
+    return artifact.validate()
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -224,19 +281,24 @@ def image_shape(path: str | os.PathLike) -> list[int] | None:
 
 
 def stored_numbers(path: str | os.PathLike) -> int:
-    """How many numbers the set stores: its images, its targets, and its learned lr when it has one (from the
-    file's header alone). What a set costs, to compare sets of equal budget."""
+    """How many numbers the set stores: its images, its targets, its view targets or approximation network
+    when it has views, and its learned lr when it has one (from the file's header alone). What a set costs,
+    to compare sets of equal budget."""
     count = sum(math.prod(shape) for shape in artifacts.tensor_shapes(path).values())
     return count + (read_meta(path).get("lr") is not None)
 
 
 # ---- tensors and one metadata dict (how the pipeline, tests and scripts hand a set over) ------
 
-def save_arrays(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor, metadata: dict[str, Any]) -> None:
+def save_arrays(path: str | os.PathLike, images: torch.Tensor, targets: torch.Tensor, metadata: dict[str, Any],
+                view_targets: torch.Tensor | None = None, view_net: dict[str, torch.Tensor] | None = None) -> None:
     """Write a set from its tensors and one metadata dict: the schema's fields are taken from the dict
-    (defaults where absent; ``method``: the file's stem), the rest is free metadata."""
+    (defaults where absent; ``method``: the file's stem), the rest is free metadata. A set with views
+    (metadata ``views``) passes its ``view_targets`` or its approximation network ``view_net``."""
     extra = {k: v for k, v in metadata.items() if k not in ENVELOPE}
-    save(path, DistilledArtifact.from_metadata(images, targets, extra, path))
+    artifact = DistilledArtifact.from_metadata(images, targets, extra, path)
+    artifact.view_targets, artifact.view_net = view_targets, view_net
+    save(path, artifact)
 
 
 def load_arrays(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

@@ -8,7 +8,9 @@
   distilled/<method>[.seed<k>].safetensors      distilled/prep/<prep>.safetensors
   encoders/<method>[@<arch>][.seed<k>].safetensors
   evaluations/<group>/<method>[.seed<k>].<target>.json      evaluations/kd.json
-  config.<stage>.json  timings.json  pretrain_log.json  results.json  results.csv  report.md  figures/
+  config.<stage>.json  timings.json  pretrain_log.json  results.json  results.csv  report.md  report.html  figures/
+  compare.md  compare.csv  compare.json  compare.png  compare.html   (ssdd compare)
+  tb/  (TensorBoard event files, with log = "tensorboard")
 ```
 
 Seed 0 has no ``.seed<k>`` suffix, so a one-seed run reads like the paper's single set. The pipeline
@@ -126,6 +128,16 @@ def report_path(out: Path) -> Path:
     return Path(out) / "report.md"
 
 
+def report_html_path(out: Path) -> Path:
+    """``report.html``: report.md's content as one self-contained page (figures inline)."""
+    return Path(out) / "report.html"
+
+
+def compare_html_path(out: Path) -> Path:
+    """``compare.html``: ``ssdd compare``'s table and plot as one self-contained page, beside compare.md."""
+    return Path(out) / "compare.html"
+
+
 def figures_dir(out: Path) -> Path:
     return Path(out) / FIGURES
 
@@ -135,6 +147,11 @@ def figures_dir(out: Path) -> Path:
 
 def timings_path(out: Path) -> Path:
     return Path(out) / "timings.json"
+
+
+def live_log_dir(out: Path) -> Path:
+    """TensorBoard's event files (``log = "tensorboard"``, :mod:`ssdd.live_log`): ``tensorboard --logdir <out>/tb``."""
+    return Path(out) / "tb"
 
 
 def distill_timing_key(method: str, k: int) -> str:

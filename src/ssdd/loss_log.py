@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ssdd import live_log
 from ssdd.errors import Stopped, UserError
 
 READ_EVERY = 25  # GPU steps between reads of a loop's losses to the host (each read waits for the device once)
@@ -38,11 +39,14 @@ class StepLog:
     and appended to in place: a resumed run's losses) holds only read, checked floats, so checkpoints and
     artifacts hold plain floats, as before. On a GPU a non-finite loss is reported at the next read rather
     than at its step; a checkpoint never holds a state past it, since its read comes first and raises.
+
+    ``tag`` names the kept value for the live log (:mod:`ssdd.live_log`, under the run's scope, at the
+    step ``add`` was given); it is written once checked, as it becomes a float.
     """
 
     def __init__(self, values: list[float], finish: Callable[[int, list[float], Any], float],
-                 device: torch.device | str, every: int | None = None):
-        self.values, self.finish = values, finish
+                 device: torch.device | str, every: int | None = None, tag: str | None = None):
+        self.values, self.finish, self.tag = values, finish, tag
         self.every = max(1, read_every(device) if every is None else every)
         self.pending: list[tuple[int, list[torch.Tensor], Any]] = []
 
@@ -66,6 +70,8 @@ class StepLog:
             for step, ts, info in pending:
                 self.values.append(self.finish(step, floats[pos:pos + len(ts)], info))
                 pos += len(ts)
+                if self.tag is not None:
+                    live_log.scalar(self.tag, self.values[-1], step)
         return self.values
 
     @contextlib.contextmanager

@@ -63,6 +63,9 @@ class DistilledSet:
     objective: str = "mse"  # how pretrain uses the set: "mse" to targets, "cross_entropy" to class
     # probabilities (labelled methods: one-hot or soft labels), or "barlow_twins" on the images
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able facts about the run (index, losses, ...)
+    # with distill.views: the targets (m, K-1, d) of views 1..K-1 that the method learned; None = the
+    # teacher's on the set's views (the distill stage computes them: ssdd.views)
+    view_targets: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,6 +128,10 @@ class DistillContext:
         x = images_u8.to(self.device)
         return self.norm(x) if self.cfg.image_space == "normalized" else x.float() / 255
 
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Synthetic-space images -> [0, 1] pixels, for pictures: :meth:`to_space` undone, clamped."""
+        return self.norm.to_unit(images) if self.cfg.image_space == "normalized" else images.clamp(0, 1)
+
     @torch.no_grad()
     def teacher_features(self) -> torch.Tensor:
         """The teacher's features of the whole un-augmented source (computed once per run, cached)."""
@@ -149,9 +156,25 @@ class DistillContext:
             total = total + self.teacher(self.norm(crop_flip(real, self.cfg.crop_pad, self.cfg.flip, gen)))
         return total / self.cfg.target_views
 
+    @torch.no_grad()
+    def teacher_view_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's features (m, K-1, d) of views 1..K-1 (``distill.views``) of a set's ``images``
+        (in the set's space), in chunks: the view targets of a set of real images."""
+        from ssdd.views import apply_view, count
+
+        k = count(self.cfg.views)
+        out = []
+        for i in range(0, len(images), 256):
+            x = images[i:i + 256].to(self.device)
+            if self.cfg.image_space != "normalized":
+                x = self.norm.normalize_unit(x)
+            out.append(torch.stack([self.teacher(apply_view(x, self.cfg.views, v)).float() for v in range(1, k)], 1))
+        return torch.cat(out)
+
 
 COMMON = ("distill.m", "distill.batch", "distill.image_space", "distill.flip", "distill.crop_pad",
-          "distill.target_views")  # read by every method: part of every set's fingerprint
+          "distill.target_views", "distill.views", "distill.view_store",
+          "distill.view_approx_hidden")  # read by every method: part of every set's fingerprint
 
 
 class DeclaredConfig:

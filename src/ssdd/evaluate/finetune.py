@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ssdd import live_log
 from ssdd.artifacts import restore_rng, rng_state
 from ssdd.checkpoint import Hooks
 from ssdd.config import EvaluateConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
+from ssdd.loss_log import StepLog
 from ssdd.models import Encoder
 from ssdd.precision import autocast
 
@@ -72,6 +74,8 @@ def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateC
         return {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "sampler": sampler.state_dict(), "gen": gen.get_state(), **rng_state()}
 
+    # the loss curve only for the live log (nothing keeps it): without one, no reads at all
+    curve = StepLog([], lambda step, floats, _: floats[0], device, tag="loss") if live_log.active() else None
     model.train()
     for step in tqdm(range(start, cfg.finetune_iters), desc=desc, disable=not progress, dynamic_ncols=True,
                      leave=False, initial=start, total=cfg.finetune_iters):
@@ -84,5 +88,9 @@ def finetune(encoder: Encoder, train: ImageSet, norm: Normalizer, cfg: EvaluateC
         loss.backward()
         opt.step()
         sched.step()
+        if curve is not None:
+            curve.add(step + 1, [loss])
         hooks.after_step(step + 1, cfg.finetune_iters, lambda: state(step + 1), "finetune")
+    if curve is not None:
+        curve.read()
     return model.eval()

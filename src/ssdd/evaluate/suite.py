@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ssdd import live_log
 from ssdd.checkpoint import Hooks
 from ssdd.config import EvaluateConfig
 from ssdd.data import ImageSet, Normalizer, stratified_split
@@ -72,6 +73,33 @@ def label_index(train: ImageSet, fraction: float, seed: int, draw: int = 0, vali
     return np.sort(np.concatenate(picks))
 
 
+def validation_score(encoder: Encoder, train: ImageSet, cfg: EvaluateConfig, seed: int,
+                     device: torch.device | str = "cpu") -> float:
+    """How well ``encoder`` transfers, measured on a target's *train* split alone: the mean validation
+    accuracy of the linear probe (best C of the grid) over the label fractions below 1 (all when none is)
+    and their draws, with the same labelled images and validation split the evaluation uses. The test split
+    is not an argument: nothing chosen by this score can have read it (the pre-training recipe choice)."""
+    from threadpoolctl import threadpool_limits
+
+    from ssdd.evaluate.linear import select_c
+
+    if cfg.validation <= 0:
+        raise UserError("choosing a pre-training recipe needs a validation split: set evaluate.validation > 0")
+    _, val = validation_split(train, cfg.validation)
+    norm = Normalizer(*train.mean_std(), device=device)
+    feats = frozen_features(encoder, train.images, norm, device, mode=cfg.probe_features)
+    y = train.labels.numpy()
+    fractions = [f for f in cfg.linear_fractions if f < 1.0] or list(cfg.linear_fractions)
+    scores = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for fraction in fractions:
+            for draw in range(cfg.linear_draws if fraction < 1.0 else 1):
+                idx = label_index(train, fraction, seed, draw, cfg.validation)
+                _, accs = select_c(feats[idx], y[idx], feats[val], y[val], cfg.linear_c_grid)
+                scores.append(max(accs.values()))
+    return float(np.mean(scores))
+
+
 def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, cfg: EvaluateConfig,
                      device: str = "cpu", progress: bool = True,
                      finetune_hooks: Callable[[float], Hooks] | None = None) -> list[dict]:
@@ -123,8 +151,9 @@ def evaluate_encoder(method: str, seed: int, encoder: Encoder, target: Target, c
             # fine-tuning takes its labels from the whole train split: it selects nothing on validation
             idx = label_index(target.train, fraction, seed)
             labelled = target.train.subset(torch.from_numpy(idx))
-            acc = finetune_accuracy(encoder, labelled, target.test, norm, cfg, seed, device, progress,
-                                    desc=f"finetune {method} s{seed} {fraction:g}",
-                                    hooks=finetune_hooks(fraction) if finetune_hooks else None)
+            with live_log.scope(f"labels{fraction:g}"):
+                acc = finetune_accuracy(encoder, labelled, target.test, norm, cfg, seed, device, progress,
+                                        desc=f"finetune {method} s{seed} {fraction:g}",
+                                        hooks=finetune_hooks(fraction) if finetune_hooks else None)
             rows.append(row("finetune", fraction, acc, len(idx)))
     return rows

@@ -1,6 +1,7 @@
 """Distilled sets across tools: import other codes' sets into ssdd's artifact (:mod:`.readers` reads
 their files under a weights-only policy, :mod:`.convert` applies ssdd's conventions) and export ours
-(:mod:`.export`). Formats in: ``krr_st``, ``mkdt``, ``npz``, ``imagefolder``; out: ``imagefolder``, ``npz``.
+(:mod:`.export`; Hugging Face datasets both ways: :mod:`.hf`). Formats in: ``krr_st``, ``mkdt``, ``npz``,
+``imagefolder``, ``hf``; out: ``imagefolder``, ``npz``, ``hf``.
 
 ssdd's own artifact, and the ``torch.utils.data.Dataset`` view of it, live in :mod:`ssdd.distilled_set`;
 ``DistilledDataset`` and ``load_distilled`` are importable from here as before.

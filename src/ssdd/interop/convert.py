@@ -151,7 +151,7 @@ def import_set(files: Sequence[str | os.PathLike], fmt: str, out: str | os.PathL
     distilled_set.save(out, DistilledArtifact(
         images, targets, method=method or out.stem, objective=objective_, lr=found.lr, image_space=space, mean=mean_,
         std=std_, model_spec=spec, meta={"imported_from": {"format": fmt, "files": found.files, "image_space": how},
-                                         **extra}))
+                                         **extra}, views=found.views, view_targets=found.view_targets))
     log.info("imported %d images %s, targets %s (%s), %s space (%s)%s -> %s", len(images), list(images.shape[1:]),
              list(targets.shape[1:]), objective_, space, how, f", lr {found.lr:g}" if found.lr is not None else "", out)
     return out

@@ -1,5 +1,6 @@
-"""ssdd's distilled sets written for other tools: ``imagefolder`` (PNGs in pixel space + ``targets.npz``)
-and ``npz`` (exact float arrays and the metadata). ``ssdd import`` reads both back."""
+"""ssdd's distilled sets written for other tools: ``imagefolder`` (PNGs in pixel space + ``targets.npz``),
+``npz`` (exact float arrays and the metadata) and ``hf`` (a Hugging Face dataset, :mod:`ssdd.interop.hf`).
+``ssdd import`` reads all three back."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ssdd.interop.readers import TARGETS_FILE, _listing
 
 log = logging.getLogger("ssdd")
 
-FORMATS_OUT = ("imagefolder", "npz")
+FORMATS_OUT = ("imagefolder", "npz", "hf")
 
 
 def to_pixels(artifact: DistilledArtifact) -> tuple[np.ndarray, float]:
@@ -54,18 +55,26 @@ def _facts(artifact: DistilledArtifact) -> dict[str, np.ndarray]:
             facts[key] = np.asarray(getattr(artifact, key), dtype=np.float64).reshape(-1)
     if artifact.lr is not None:
         facts["lr"] = np.array(float(artifact.lr))
+    if artifact.views != "none":  # the targets of views 1..K-1 (rebuilt when the set stores a network)
+        facts["views"] = np.array(str(artifact.views))
+        facts["view_targets"] = artifact.all_view_targets().float().numpy()
     return facts
 
 
 def export_set(distilled: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
     """Write a distilled set for other tools: ``imagefolder`` (PNGs in [0, 1] pixel space quantised to
-    uint8, plus ``targets.npz``: targets, objective, lr and the set's image space) or ``npz`` (the
-    exact float images and targets, lr and metadata). Returns what was written."""
+    uint8, plus ``targets.npz``: targets, objective, lr and the set's image space), ``npz`` (the
+    exact float images and targets, lr and metadata) or ``hf`` (a ``save_to_disk`` folder: PNG and exact
+    images, targets; lr and metadata in its info). Returns what was written."""
     if fmt not in FORMATS_OUT:
         raise UserError(f"export: unknown --format {fmt!r} (expected {', '.join(FORMATS_OUT)})")
     artifact = distilled_set.load(distilled)
     images = artifact.images
     out = Path(out)
+    if fmt == "hf":
+        from ssdd.interop.hf import export_hf  # needs the optional datasets package
+
+        return export_hf(artifact, out)
     if fmt == "npz":
         if out.suffix != ".npz":
             out = out / f"{Path(distilled).stem}.npz"

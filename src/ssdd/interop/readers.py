@@ -9,6 +9,7 @@
   mean/std (``transforms.Normalize`` in its ``get_dataset``), so they need ``--mean``/``--std``.
 - ``npz``: ``images`` (or ``x``), ``targets``/``labels`` (or ``y``), optional ``lr``; read with
   ``allow_pickle=False``.
+- ``hf``: a Hugging Face dataset (:mod:`ssdd.interop.hf`; needs the optional ``datasets``).
 - ``imagefolder``: image files in class sub-folders (labels become one-hot targets), or a flat folder
   with a ``targets.npz`` (what ``export_set`` writes), or a flat folder alone (images only: the set is
   pre-trained self-supervised, like ssdd's ``barlow_twins`` sets).
@@ -35,7 +36,7 @@ from ssdd.data.formats.common import one_line
 from ssdd.data.formats.npz import npz_array, open_npz, to_nchw
 from ssdd.errors import UserError
 
-FORMATS_IN = ("krr_st", "mkdt", "npz", "imagefolder")
+FORMATS_IN = ("krr_st", "mkdt", "npz", "imagefolder", "hf")
 TARGETS_FILE = "targets.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Statistics MKDT normalises with (its utils.get_dataset), quoted in the error that asks for them.
@@ -60,6 +61,8 @@ class Foreign:
     std: list[float] | None = None
     objective: str | None = None  # recorded by an ssdd export
     meta: dict[str, Any] = field(default_factory=dict)  # carried into the artifact (class_names, model_spec)
+    views: str = "none"  # an ssdd export of a set with views: its view family and view targets (m, K-1, d)
+    view_targets: torch.Tensor | None = None
 
 
 # ---- reading foreign files ------------------------------------------------------------------
@@ -187,6 +190,9 @@ def _recorded(archive: np.lib.npyio.NpzFile, path: Path, found: Foreign) -> Fore
     found.objective = _npz_text(archive, "objective", path)
     if "lr" in archive.files:
         found.lr = _scalar(npz_array(archive, "lr", path), f"{path}:lr")
+    if "view_targets" in archive.files:
+        found.views = _npz_text(archive, "views", path) or "none"
+        found.view_targets = torch.from_numpy(np.ascontiguousarray(npz_array(archive, "view_targets", path)))
     text = _npz_text(archive, "meta", path)
     if text:
         try:
@@ -306,6 +312,12 @@ def read_imagefolder(paths: list[Path]) -> Foreign:
     return Foreign(_stack(files), None, [f.name for f in files], str(folder), pixels=True)
 
 
+def read_hf(paths: list[Path]) -> Foreign:
+    from ssdd.interop.hf import read_hf_set  # that module builds on this one's Foreign
+
+    return read_hf_set(paths)
+
+
 READERS: dict[str, Callable[[list[Path]], Foreign]] = {
-    "krr_st": read_krr_st, "mkdt": read_mkdt, "npz": read_npz, "imagefolder": read_imagefolder}
+    "krr_st": read_krr_st, "mkdt": read_mkdt, "npz": read_npz, "imagefolder": read_imagefolder, "hf": read_hf}
 

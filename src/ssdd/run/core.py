@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ssdd import artifacts, determinism, distributed, folder_lock, layout, precision
+from ssdd import artifacts, determinism, distributed, folder_lock, layout, live_log, precision
 from ssdd.config import Config, to_dict
 from ssdd.data import load_dataset
 from ssdd.distill import registry
@@ -51,6 +51,7 @@ class Run:
             raise UserError(f"--out {self.out}: exists and is a file, expected a folder")
         if cfg.teacher.path and not Path(cfg.teacher.path).is_file():
             raise UserError(f"--teacher {cfg.teacher.path}: file not found")
+        live_log.require(cfg.log)  # --log tensorboard without its package: one line, before any work
         unknown = [a for a in cfg.pretrain.archs if a not in model_names()]
         if unknown:
             raise UserError(f"config: pretrain.archs: unknown architecture(s) {unknown} "
@@ -67,7 +68,8 @@ class Run:
             raise UserError(f"--until: unknown stage '{until}' (stages: {', '.join(STAGE_NAMES)})")
         last = STAGE_NAMES.index(until) + 1 if until else len(STAGES)
         stages = [s for s in STAGES if s.name == only] if only else list(STAGES[:last])
-        with folder_lock.hold(self.out):
+        with folder_lock.hold(self.out), live_log.opened(self.cfg.log, layout.live_log_dir(self.out),
+                                                          self.cfg.log_images_every):
             self._run_stages(stages)
 
     def _run_stages(self, stages: list[Stage]) -> None:

@@ -9,7 +9,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ssdd import pretrain_recipes
 from ssdd.config import Config
+from ssdd.evaluate.suite import validation_score
 from ssdd.distill import registry
 from ssdd.models import Encoder, build, encoder_from_artifact, model_spec
 from ssdd.pretrain import arch_spec, pretrain_set
@@ -27,6 +29,7 @@ class InputsView(Protocol):  # ... of ssdd.run.inputs.Inputs
     plan: PlanView
 
     def distilled_set(self, method: registry.Method, k: int) -> Path: ...
+    def target_train(self, spec: str) -> Any: ...
     def encoder_file(self, method: registry.Method, k: int, arch: str | None) -> torch.nn.Module: ...
     def source_shape(self) -> tuple[int, int, int]: ...
     def teacher(self, channels: int, size: int) -> tuple[torch.nn.Module, int]: ...
@@ -67,10 +70,25 @@ class EncoderRecipe:
         return plan.units.set_encoder(self.method.name, k, arch, plan.set_unit(self.method, k))
 
     def make(self, run: RunView, k: int, arch: str | None) -> Made:
-        set_path = run.inputs.distilled_set(self.method, k)
-        encoder, curve, spec = pretrain_set(run.cfg, set_path, run.cfg.seed + k, run.device, run.progress, arch)
-        return encoder.cpu(), spec, {"method": self.method.name, "seed": run.cfg.seed + k,
-                                     "distilled_set": set_path.name, "loss_curve": curve}
+        set_path, cfg, seed = run.inputs.distilled_set(self.method, k), run.cfg, run.cfg.seed + k
+        meta: dict[str, Any] = {"method": self.method.name, "seed": seed, "distilled_set": set_path.name}
+        if not pretrain_recipes.choosing(cfg):
+            name = cfg.pretrain.recipes[0]
+            encoder, curve, spec = pretrain_set(cfg, set_path, seed, run.device, run.progress, arch, name)
+            if name != "short":
+                meta["recipe"] = name
+            return encoder.cpu(), spec, {**meta, "loss_curve": curve}
+        # several recipes: keep the encoder whose probe scores best on the choice target's validation split
+        train = run.inputs.target_train(pretrain_recipes.choice_target(cfg))
+        best, scores = None, {}
+        for name in cfg.pretrain.recipes:
+            made = pretrain_set(cfg, set_path, seed, run.device, run.progress, arch, name)
+            scores[name] = validation_score(made[0], train, cfg.evaluate, seed, run.device)
+            if best is None or scores[name] > scores[best[0]]:  # ties: the earlier recipe of the list
+                best = (name, made)
+        name, (encoder, curve, spec) = best
+        return encoder.cpu(), spec, {**meta, "loss_curve": curve, "recipe": name, "recipe_scores": scores,
+                                     "recipe_chosen_on": f"{train.name}: validation split of its train split"}
 
     def load(self, inputs: InputsView, k: int, arch: str | None) -> torch.nn.Module:
         return inputs.encoder_file(self.method, k, arch)

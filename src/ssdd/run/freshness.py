@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssdd import artifacts, layout
+from ssdd import artifacts, layout, pretrain_recipes
 from ssdd import fingerprint as fpr
 from ssdd.config import Config
+from ssdd.distill.registry import COMMON as DISTILL_COMMON  # the keys every set reads
 from ssdd.errors import UserError
 from ssdd.fingerprint_legacy import Legacy
 
@@ -28,8 +29,6 @@ log = logging.getLogger("ssdd")
 
 SOURCE_KEYS = ("seed", "data.source", "data.source_max_per_class", "data.size", "data.heldout")
 TARGET_KEYS = ("data.size", "data.target_max_per_class", "evaluate.test_split")
-DISTILL_COMMON = ("distill.m", "distill.batch", "distill.image_space", "distill.flip", "distill.crop_pad",
-                  "distill.target_views")
 PRETRAIN_KEYS = ("pretrain.epochs", "pretrain.batch", "pretrain.lr", "pretrain.momentum", "pretrain.weight_decay")
 KD_KEYS = ("evaluate.kd_iters", "evaluate.kd_temperature", "evaluate.kd_teacher")
 PROTOCOL_KEYS = {  # what an evaluation unit reads, per protocol it runs
@@ -127,9 +126,14 @@ class Units:
         return Unit(f"pretrain {name}{'@' + arch if arch else ''} seed {k}", inputs, self.legacy.encoder(name, k, arch))
 
     def set_encoder(self, name: str, k: int, arch: str | None, set_unit: Unit) -> Unit:
-        """An encoder pre-trained on the distilled set ``set_unit``."""
-        inputs = fpr.inputs("encoder", fpr.STAGE_CODE["pretrain"], self._pick(PRETRAIN_KEYS),
-                            self._with_precision({"set": set_unit.fp}), method=name, k=k, arch=arch)
+        """An encoder pre-trained on the distilled set ``set_unit``: with several recipes, the one its linear
+        probe chose on the validation split of one target, whose keys and data are then inputs too."""
+        keys, upstream = PRETRAIN_KEYS + ("pretrain.recipes",), {"set": set_unit.fp}
+        if pretrain_recipes.choosing(self.cfg):
+            keys += ("pretrain.choose_on",) + PROTOCOL_KEYS["linear"]
+            upstream["choice target"] = self.target(pretrain_recipes.choice_target(self.cfg)).fp
+        inputs = fpr.inputs("encoder", fpr.STAGE_CODE["pretrain"], self._pick(keys),
+                            self._with_precision(upstream), method=name, k=k, arch=arch)
         return Unit(f"pretrain {name}{'@' + arch if arch else ''} seed {k}", inputs, self.legacy.encoder(name, k, arch))
 
     def evaluation(self, method_name: str, k: int, enc_k: int, arch: str | None, target: str,

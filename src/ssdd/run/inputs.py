@@ -60,14 +60,20 @@ class Inputs:
 
     def targets(self) -> dict[str, Target]:
         """Every target by spec, train and test."""
-        out = {}
-        for spec in self.plan.cfg.data.targets:
-            name = self.plan.target_names[spec]
-            train_path, test_path = layout.target_paths(self.out, name)
-            for path in (train_path, test_path):
-                freshness.require(path, self.plan.units.target(spec), "ssdd prepare")
-            out[spec] = Target(name, load_dataset(train_path), load_dataset(test_path))
-        return out
+        return {spec: Target(self.plan.target_names[spec], self.target_train(spec), self._target_test(spec))
+                for spec in self.plan.cfg.data.targets}
+
+    def target_train(self, spec: str) -> ImageSet:
+        """A target's train split alone (what a choice on its validation split may read)."""
+        return self._target_part(spec, 0)
+
+    def _target_test(self, spec: str) -> ImageSet:
+        return self._target_part(spec, 1)
+
+    def _target_part(self, spec: str, part: int) -> ImageSet:
+        path = layout.target_paths(self.out, self.plan.target_names[spec])[part]
+        freshness.require(path, self.plan.units.target(spec), "ssdd prepare")
+        return load_dataset(path)
 
     def distilled_set(self, method: registry.Method, k: int) -> Path:
         path = layout.distilled_path(self.out, method.name, k)

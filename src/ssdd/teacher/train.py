@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ssdd import distributed
+from ssdd import distributed, live_log
 from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import TeacherConfig
 from ssdd.data import BatchSampler, ImageSet, Normalizer
@@ -97,6 +97,7 @@ def train_barlow_twins(data: ImageSet, norm: Normalizer, cfg: TeacherConfig, see
                 raise UserError(f"teacher: non-finite Barlow Twins loss at step {at}; lower teacher.lr "
                                 "(last checkpoint kept)")
             losses.append(value)
+            live_log.scalar("loss", value, at)
         pending.clear()
 
     bar = tqdm(range(len(losses), total), desc=desc, disable=not progress, dynamic_ncols=True,

@@ -14,23 +14,26 @@ from ssdd.data.bundled import load_bundled
 from ssdd.data.dataset import ImageSet, load_dataset
 from ssdd.data.formats.cifar import read_cifar
 from ssdd.data.formats.common import SPLITS, finish
+from ssdd.data.formats.hf import read_hf
 from ssdd.data.formats.imagefolder import read_imagefolder
 from ssdd.data.formats.imagenet64 import read_imagenet64
 from ssdd.data.formats.npz import read_npz
 from ssdd.errors import UserError
 
-FORMATS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet64", "npz", "bundled")
+FORMATS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet64", "npz", "bundled", "hf")
 
 __all__ = ["FORMATS", "read_source", "dataset_info"]
 
 
 def read_source(path: str, fmt: str, size: int, split: str = "train", max_per_class: int | None = None,
-                seed: int = 0) -> ImageSet:
+                seed: int = 0, image_column: str | None = None, label_column: str | None = None,
+                progress: bool = False) -> ImageSet:
     """Read ``path`` in format ``fmt`` as an ImageSet of size x size images.
 
     ``split`` is train, val or test (val and test both mean the held-out split a format has).
     ``max_per_class`` keeps the first K images of each class in file (or sorted file-name) order,
     so the result does not depend on ``seed``; ``seed`` is accepted so callers can pass it uniformly.
+    ``image_column``/``label_column`` name the columns of an ``hf`` dataset; ``progress`` shows its bar.
     """
     del seed  # every reader is deterministic
     if fmt not in FORMATS:
@@ -42,6 +45,10 @@ def read_source(path: str, fmt: str, size: int, split: str = "train", max_per_cl
     if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
                                       or max_per_class < 1):
         raise UserError(f"max_per_class: must be a positive integer, got {max_per_class!r}")
+    if fmt != "hf" and (image_column or label_column):
+        raise UserError(f"image/label columns apply to format hf only, not {fmt}")
+    if fmt == "hf":  # before the existence check: PATH may be a glob
+        return read_hf(path, split, size, max_per_class, image_column, label_column, progress)
     if fmt == "bundled":  # no split of its own: the fixed stratified 70/30 split that targets use
         from ssdd.data.dataset import stratified_split
 

@@ -10,8 +10,10 @@ epoch-1 parameters, averaged over experts — the scores of MKDT's high-loss ini
 is identical to an uninterrupted one.
 
 Precision: the experts' forwards and backwards run under :func:`ssdd.precision.autocast` (bf16 when the
-stage's precision is bf16; their losses in fp32), like every other network training here. The
-trajectory matching that reads them (``trajectory.py``) stays fp32 by design.
+stage's precision is bf16; their losses in fp32), like every other network training here, unless
+``precision = "fp32"`` keeps them in fp32 as the authors' ``buffer.py`` does. The trajectory matching that
+reads them (``trajectory.py``) stays fp32 by design. ``benchmarks/mkdt_equivalence.py`` compares one expert
+epoch with the authors' code.
 
 :class:`ExpertsConfig` is the trainer's parameter set: the section ``distill.experts`` (registered with the
 ``experts`` prep, ``methods/mkdt.py``) and, with MTT's values, ``distill.mtt.experts``.
@@ -48,7 +50,11 @@ class ExpertsConfig:
     weight_decay: float = 1e-4
     batch: int = 256
     augment: bool = False  # crop/flip views (targets from the teacher on the same view): augmentation-consistent experts
-    ROLES: ClassVar[dict[str, Role]] = roles("count epochs lr momentum weight_decay batch", augment=neutral(False))
+    # "stage": the stage's precision (bf16 autocast when it is bf16); "fp32": always fp32, as MKDT's buffer.py
+    precision: str = "stage"
+    ROLES: ClassVar[dict[str, Role]] = roles("count epochs lr momentum weight_decay batch", augment=neutral(False),
+                                           precision=neutral("stage"))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("stage", "fp32")}
 
     def check(self, at: str, distill: Any) -> None:
         positive(at, self, "count epochs batch")
@@ -125,7 +131,7 @@ def train_expert(ctx: DistillContext, k: int, images_u8: torch.Tensor | None = N
                 z = task.view_targets(view) if task.view_targets is not None else task.targets[idx]
             else:
                 x, z = ctx.to_space(images_u8[idx]), task.targets[idx]
-            with autocast(x.device):
+            with autocast(x.device, "fp32" if cfg.precision == "fp32" else None):
                 out = model(x)
             loss = task.loss(out.float(), z)  # fp32 loss (a no-op cast in fp32)
             opt.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from ssdd import distributed
+from ssdd import distributed, live_log
 from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import META, NUMERICS, DistillCommon, Role, neutral, positive, roles
 from ssdd.data import BatchSampler, Normalizer
@@ -33,6 +33,7 @@ from ssdd.models import Encoder
 from ssdd.models.inference import CompiledCall, fold_batchnorm, inference_copy
 from ssdd.phases import NO_TIMER, NoTimer, PhaseTimer
 from ssdd.precision import autocast
+from ssdd.views import transforms as views
 
 
 @dataclass
@@ -78,6 +79,8 @@ class DistillResult:
     init_targets: torch.Tensor
     losses: list[float] = field(default_factory=list)
     pool_reinits: int = 0
+    view_targets: torch.Tensor | None = None  # (m, K-1, d) learned targets of views 1..K-1 (distill.views)
+    init_view_targets: torch.Tensor | None = None
 
 
 class OuterStep:
@@ -92,8 +95,10 @@ class OuterStep:
     def __init__(self, x_s: torch.Tensor, y_s: torch.Tensor, opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, pool: Any, sampler: BatchSampler,
                  aug_gen: torch.Generator, teacher: torch.nn.Module, norm: Normalizer, cfg: DistillCommon,
-                 cache: CachedTeacher | None = None, targets_of: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 cache: CachedTeacher | None = None, targets_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 v_s: torch.Tensor | None = None):
         self.x_s, self.y_s, self.opt, self.sched, self.pool = x_s, y_s, opt, sched, pool
+        self.v_s = v_s  # learned targets of views 1..K-1 of every image (distill.views), or None
         self.sampler, self.aug_gen, self.teacher, self.norm, self.cfg = sampler, aug_gen, teacher, norm, cfg
         self.cache = cache
         self.targets_of = targets_of  # source indices -> real targets in place of the teacher (frepo: labels)
@@ -133,21 +138,46 @@ class OuterStep:
             with torch.inference_mode(), autocast(device):
                 g_r = model.features(x_real).float()
             g_r, t_real = g_r.clone(), t_real.clone()  # out of inference mode: the ridge graph keeps them
+        x_sup, y_sup = self.support()
         with autocast(device):
-            loss, d_x, d_y = outer_grads(model, self.x_s, self.y_s, g_r, t_real, k.ridge, k.chunk, timer)
+            loss, d_x, d_y = outer_grads(model, x_sup, y_sup, g_r, t_real, k.ridge, k.chunk, timer)
+        grads = self.to_parameters(d_x, d_y)
         if distributed.active():  # the loss is a mean over the real batch: weight each share, then sum
             with timer("all_reduce"):
                 weight = len(x_real) / self.sampler.batch
-                loss, d_x, d_y = loss * weight, d_x * weight, d_y * weight
-                distributed.all_reduce_sum_([loss, d_x, d_y])
+                loss, grads = loss * weight, [g * weight for g in grads]
+                distributed.all_reduce_sum_([loss, *grads])
         with timer("outer_update"):
-            self.x_s.grad, self.y_s.grad = d_x, d_y
+            for param, grad in zip(self.parameters(), grads):
+                param.grad = grad
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.sched.step()
         with timer("pool_update"):
-            self.pool.train_step(idx, self.x_s, self.y_s)
+            self.pool.train_step(idx, *self.support())
         return loss
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.x_s, self.y_s] + ([self.v_s] if self.v_s is not None else [])
+
+    def support(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ridge problem's support set: the images and targets, or, with views, every view of every
+        image with its target (m·K rows, view-major, detached)."""
+        if self.v_s is None:
+            return self.x_s, self.y_s
+        return views.expand(self.x_s.detach(), self.cfg.views), views.expand_targets(self.y_s.detach(), self.v_s.detach())
+
+    def to_parameters(self, d_x: torch.Tensor, d_y: torch.Tensor) -> list[torch.Tensor]:
+        """Gradients w.r.t. the support set -> w.r.t. the parameters: each view's image gradient goes back
+        through its view (a permutation or a shift: its adjoint, by autograd) and sums onto the image."""
+        if self.v_s is None:
+            return [d_x, d_y]
+        m = len(self.x_s)
+        with torch.enable_grad():
+            x = self.x_s.detach().requires_grad_(True)
+            (d_img,) = torch.autograd.grad(views.expand(x, self.cfg.views), [x], d_x)
+        d_views = d_y[m:].view(-1, m, d_y.shape[1]).transpose(0, 1)  # (K-1)·m rows -> (m, K-1, d)
+        return [d_img, d_y[:m], d_views.contiguous()]
 
     def nonfinite(self, step: int, value: float) -> None:
         """Stop a run whose loss went non-finite (called when the losses are read, before a checkpoint)."""
@@ -185,6 +215,14 @@ def make_teacher(teacher: torch.nn.Module, k: KrrStConfig) -> torch.nn.Module:
     return inference_copy(teacher, fold_bn=k.fold_bn, compile=use_compile(k))
 
 
+def initial_set(ctx: DistillContext, index: torch.Tensor,
+                targets_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's start from source images ``index``: the images in the synthetic image space and their
+    targets (the teacher's, or ``targets_of``'s). One function, so that whoever reproduces a run's start
+    (``ssdd diagnose images-vs-targets``) gets exactly the start the run had."""
+    return ctx.to_space(ctx.source.images[index]), (targets_of or ctx.targets_for)(index)
+
+
 def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
                    targets_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    learn_targets: bool = True) -> DistillResult:
@@ -203,11 +241,17 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
     torch.manual_seed(ctx.seed)
     teacher.eval()
     index = ctx.init_index
-    x0, y0 = ctx.to_space(ctx.source.images[index]), (targets_of or ctx.targets_for)(index)
+    x0, y0 = initial_set(ctx, index, targets_of)
     x_s = x0.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)  # as the models' weights
     y_s = y0.clone().requires_grad_(True)
+    # views (Boost-SSL-DD): every view's target is learned too, from the teacher's of the initial views; the
+    # support set is all m·K views (see ssdd.distill.methods.krr_st)
+    with_views = cfg.views != views.NONE and targets_of is None and learn_targets
+    v0 = ctx.teacher_view_targets(x0) if with_views else None
+    v_s = v0.clone().requires_grad_(True) if v0 is not None else None
     opt = torch.optim.AdamW([{"params": [x_s], "lr": k.lr_images}]
-                            + ([{"params": [y_s], "lr": k.lr_targets}] if learn_targets else []), weight_decay=0.0)
+                            + ([{"params": [y_s] + ([v_s] if v_s is not None else []), "lr": k.lr_targets}]
+                               if learn_targets else []), weight_decay=0.0)
     decay = lambda t: 1.0 - (1.0 - k.final_lr_ratio) * t / max(1, k.steps - 1)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     pool = pool or ModelPool(ctx.spec, k.pool_size, k.pool_max_age, k.pool_reset, k.pool_lr, k.pool_momentum,
@@ -217,11 +261,13 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
     aug_gen = torch.Generator(device=device).manual_seed(ctx.seed + 2)
     resume = hooks.resume
     if resume is None:
-        pool.populate(x_s, y_s)
+        pool.populate(*((views.expand(x0, cfg.views), views.expand_targets(y0, v0)) if v_s is not None else (x_s, y_s)))
     else:
         with torch.no_grad():
             x_s.copy_(resume["x_s"])
             y_s.copy_(resume["y_s"])
+            if v_s is not None:
+                v_s.copy_(resume["v_s"])
         opt.load_state_dict(resume["opt"])
         sched.load_state_dict(resume["sched"])
         pool.load_state_dict(resume["pool"])
@@ -232,26 +278,30 @@ def distill_krr_st(ctx: DistillContext, pool: ModelPool | None = None,
     def state() -> dict:
         losses = log.read()  # checked finite before anything is saved
         return {"step": len(losses), "x_s": x_s.detach().clone(), "y_s": y_s.detach().clone(),
+                **({"v_s": v_s.detach().clone()} if v_s is not None else {}),
                 "opt": opt.state_dict(), "sched": sched.state_dict(), "pool": pool.state_dict(),
                 "sampler": sampler.state_dict(), "aug_gen": aug_gen.get_state(), **rng_state(),
                 "losses": list(losses)}
 
     cache = CachedTeacher(ctx.prep["teacher_views"], cfg.crop_pad, device) if "teacher_views" in ctx.prep else None
     outer_step = OuterStep(x_s, y_s, opt, sched, pool, sampler, aug_gen,
-                           make_teacher(teacher, k) if targets_of is None else teacher, norm, cfg, cache, targets_of)
+                           make_teacher(teacher, k) if targets_of is None else teacher, norm, cfg, cache, targets_of,
+                           v_s)
     def finish(step: int, floats: list[float], info: Any) -> float:
         if not math.isfinite(floats[0]):
             outer_step.nonfinite(step, floats[0])
         return floats[0]
 
-    log = StepLog(list(resume["losses"]) if resume else [], finish, device)
+    log = StepLog(list(resume["losses"]) if resume else [], finish, device, tag="loss")
     bar = tqdm(range(len(log), k.steps), desc=f"krr_st s{ctx.seed}", disable=not ctx.progress,
                dynamic_ncols=True, initial=len(log), total=k.steps)
     for step in bar:
         if log.add(step + 1, [outer_step(step)]):
             bar.set_postfix(loss=f"{log.values[-1]:.4f}", refresh=False)
+        live_log.synthetic(step + 1, k.steps, lambda: ctx.to_unit(x_s))
         hooks.after_step(step + 1, k.steps, state, "distill")
-    return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, log.read(), pool.reinits)
+    return DistillResult(x_s.detach(), y_s.detach(), index, x0, y0, log.read(), pool.reinits,
+                         v_s.detach() if v_s is not None else None, v0)
 
 
 class CachedTeacher:

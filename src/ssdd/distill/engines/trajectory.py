@@ -23,7 +23,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ssdd import distributed
+from ssdd import distributed, live_log
 from ssdd.data.augment import check_generator
 from ssdd.data.device_data import upload
 from ssdd.distill.engines.seeding import expert_seed
@@ -40,6 +40,7 @@ class MatchingSchedule(Protocol):
     span: int  # M: expert epochs the N steps should cover
     max_start_epoch: int  # start epochs are drawn from [0, max_start_epoch)
     batch_syn: int  # synthetic minibatch per unrolled step; 0 = the whole set
+    batch_order: str  # "chunks" (ssdd) or "reference" (the MTT / MKDT code): see :func:`minibatches`
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -71,20 +72,40 @@ def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
         model.get_parameter(name).copy_(value)
 
 
-def minibatches(m: int, batch: int, steps: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Index sets of ``steps`` minibatches of a set of ``m``: successive chunks of a fresh random
-    permutation (a new one when it runs out); ``batch`` 0 or >= m means the whole set every step.
-    The permutations are drawn where ``generator`` lives (the CPU without one), and the indices stay there."""
+BATCH_ORDERS = ("chunks", "reference")
+
+
+def minibatches(m: int, batch: int, steps: int, generator: torch.Generator | None = None,
+                order: str = "chunks") -> list[torch.Tensor]:
+    """Index sets of ``steps`` minibatches of a set of ``m``, drawn where ``generator`` lives (the CPU
+    without one; the indices stay there).
+
+    ``order="chunks"`` (ssdd): successive full chunks of a fresh random permutation (a new one when fewer
+    than ``batch`` indices are left, so the remainder of a permutation is never used); ``batch`` 0 or >= m
+    means the whole set, in order, every step, and draws nothing.
+    ``order="reference"`` (the MTT / MKDT code): a fresh permutation is split into chunks of ``batch``
+    (the whole set when ``batch`` is 0 or >= m) and the chunks are used last first, so the short
+    remainder chunk comes first and every image is used once per permutation."""
     where = generator.device if generator is not None else torch.device("cpu")
     check_generator(generator, where)
-    if batch <= 0 or batch >= m:
+    if order not in BATCH_ORDERS:
+        raise ValueError(f"batch order must be one of {BATCH_ORDERS}, got {order!r}")
+    whole = batch <= 0 or batch >= m
+    if order == "reference":
+        out, chunks = [], []
+        for _ in range(steps):
+            if not chunks:
+                chunks = list(torch.randperm(m, generator=generator, device=where).split(m if whole else batch))
+            out.append(chunks.pop())
+        return out
+    if whole:
         return [torch.arange(m, device=where)] * steps
-    out: list[torch.Tensor] = []
-    order, pos = torch.empty(0, dtype=torch.long, device=where), 0
+    out = []
+    perm, pos = torch.empty(0, dtype=torch.long, device=where), 0
     for _ in range(steps):
-        if pos + batch > len(order):
-            order, pos = torch.randperm(m, generator=generator, device=where), 0
-        out.append(order[pos:pos + batch])
+        if pos + batch > len(perm):
+            perm, pos = torch.randperm(m, generator=generator, device=where), 0
+        out.append(perm[pos:pos + batch])
         pos += batch
     return out
 
@@ -93,10 +114,11 @@ def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Te
                     lr: torch.Tensor | float, steps: int, batch: int = 0,
                     generator: torch.Generator | None = None,
                     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
-                    data_parallel: bool = True) -> torch.Tensor:
+                    data_parallel: bool = True, order: str = "chunks") -> torch.Tensor:
     """Flat parameters after ``steps`` plain gradient steps θ ← θ − lr ∇ loss(f_θ(x_b), y_b) from
     ``start_flat``, keeping the graph so that the result differentiates w.r.t. ``images``,
-    ``targets`` and ``lr`` (and ``start_flat`` when it requires grad).
+    ``targets`` and ``lr`` (and ``start_flat`` when it requires grad). The minibatches are
+    :func:`minibatches` of ``batch`` in ``order``.
 
     ``loss`` is the student's training objective: MSE to feature targets (MKDT, the default) or
     ``F.cross_entropy`` to class-probability rows (MTT, one-hot labels); it must be differentiable twice.
@@ -117,10 +139,10 @@ def unrolled_params(model: nn.Module, start_flat: torch.Tensor, images: torch.Te
     theta = start_flat if start_flat.requires_grad else start_flat.detach().requires_grad_(True)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     parallel = data_parallel and distributed.active()
-    batches = minibatches(len(images), batch, steps, generator)
+    batches = minibatches(len(images), batch, steps, generator, order)
     sizes = [len(index) for index in batches]
     mine = [index[distributed.share(len(index))] if parallel else index for index in batches]
-    if batch <= 0 or batch >= len(images):  # the same (whole-set) indices every step: one copy of them
+    if order == "chunks" and (batch <= 0 or batch >= len(images)):  # the same (whole-set) indices every step
         mine = [upload(mine[0], images.device)] * steps if steps else []
     elif mine:
         mine = list(upload(torch.cat(mine), images.device).split([len(i) for i in mine]))
@@ -202,9 +224,10 @@ def match_trajectories(ctx: DistillContext, name: str, cfg: MatchingSchedule, tr
             raise UserError(f"{name}: the learned inner lr became {lr_after:.3g} at iteration {it}; "
                             f"lower distill.{name}.lr_lr")
         lr_curve.append(lr_after)
+        live_log.scalar("lr", lr_after, it)
         return loss
 
-    log = StepLog(losses, finish, ctx.device)  # on a GPU read every few iterations, not one sync each
+    log = StepLog(losses, finish, ctx.device, tag="loss")  # on a GPU read every few iterations, not one sync each
 
     def state() -> dict:
         log.read()
@@ -222,7 +245,8 @@ def match_trajectories(ctx: DistillContext, name: str, cfg: MatchingSchedule, tr
             t = int(torch.randint(0, cfg.max_start_epoch, (1,), generator=gen))
             theta_0, theta_star = trajectory_rows(trajectories, e, t, t + cfg.span, ctx.device)
             lr_used = alpha.detach().clone()
-            theta_n = unrolled_params(model, theta_0, x_s, y_s, alpha, cfg.syn_steps, cfg.batch_syn, gen, loss_fn)
+            theta_n = unrolled_params(model, theta_0, x_s, y_s, alpha, cfg.syn_steps, cfg.batch_syn, gen, loss_fn,
+                                      order=cfg.batch_order)
             loss = trajectory_matching_loss(theta_n, theta_0, theta_star)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -239,6 +263,7 @@ def match_trajectories(ctx: DistillContext, name: str, cfg: MatchingSchedule, tr
             if log.add(it, [loss, lr_used, alpha.detach().clone()], (e, t)):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_curve[-1]:.4g}", refresh=False)
             step = it + 1
+            live_log.synthetic(step, cfg.iterations, lambda: ctx.to_unit(x_s))
             hooks.after_step(step, cfg.iterations, state, name)
         log.read()
     return losses, lr_curve

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from ssdd import live_log
 from ssdd.config import Role, positive, roles
 from ssdd.data import siamese_augment as dsa_aug
 from ssdd.data.device_data import upload
@@ -105,7 +106,7 @@ def distill_dm(ctx: DistillContext) -> DistilledSet:
             raise UserError(f"dm: non-finite loss at iteration {it}; lower distill.dm.lr_images")
         return loss[0] / k  # per class, as the published log
 
-    log = StepLog(run.losses, finish, device)  # on a GPU read every few iterations, not one sync each
+    log = StepLog(run.losses, finish, device, tag="loss")  # on a GPU read every few iterations, not one sync each
 
     def state() -> dict:
         log.read()
@@ -129,6 +130,7 @@ def distill_dm(ctx: DistillContext) -> DistilledSet:
             opt.step()
             if log.add(it, [loss]):
                 bar.set_postfix(loss=f"{log.values[-1]:.4g}", refresh=False)
+            live_log.synthetic(it + 1, cfg.iterations, lambda: ctx.to_unit(x_s))
             hooks.after_step(it + 1, cfg.iterations, state, "dm")
         log.read()
     losses = log.values

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ssdd import live_log
 from ssdd.config import Role, nonnegative, positive, roles
 from ssdd.data import siamese_augment as dsa_aug
 from ssdd.data.augment import check_generator
@@ -112,7 +113,7 @@ def distill_dsa(ctx: DistillContext) -> DistilledSet:
             total += value
         return total / (k * outer)  # per class and outer step, as the published log
 
-    log = StepLog(run.losses, finish, device)  # on a GPU read every few iterations, not one sync per step
+    log = StepLog(run.losses, finish, device, tag="loss")  # on a GPU read every few iterations, not one sync per step
 
     def state() -> dict:
         log.read()
@@ -151,6 +152,7 @@ def distill_dsa(ctx: DistillContext) -> DistilledSet:
                 train_network(net, net_opt, x_s.detach(), syn_labels, inner, cfg.batch_train, ops, gen)
             if log.add(it, outer_losses):
                 bar.set_postfix(loss=f"{log.values[-1]:.4g}", refresh=False)
+            live_log.synthetic(it + 1, cfg.iterations, lambda: ctx.to_unit(x_s))
             hooks.after_step(it + 1, cfg.iterations, state, "dsa")
         log.read()
     losses = log.values

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ssdd import live_log
 from ssdd.config import Role, positive, roles
 from ssdd.data import BatchSampler
 from ssdd.distill.engines.krr import spd_solve
@@ -150,7 +151,7 @@ def kip(ctx: DistillContext) -> DistilledSet:
                             "(or distill.kip.lr_labels) or raise distill.kip.ridge (last checkpoint kept)")
         return loss[0]
 
-    log = StepLog(losses, finish, device)  # on a GPU read every few steps, not one sync per step
+    log = StepLog(losses, finish, device, tag="loss")  # on a GPU read every few steps, not one sync per step
 
     def state() -> dict:
         log.read()
@@ -174,6 +175,7 @@ def kip(ctx: DistillContext) -> DistilledSet:
             opt.step()
             if log.add(step, [loss]):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            live_log.synthetic(step + 1, k.steps, lambda: ctx.to_unit(x_s))
             hooks.after_step(step + 1, k.steps, state, "distill")
         log.read()
 

@@ -9,6 +9,14 @@
   should? The KRR-ST loss of candidate sets on held-out real batches, measured with fresh pool-like models
   that no candidate was trained with.
 
+With ``distill.views`` (issue 19, after Boost-SSL-DD) ``krr_st`` learns a target for each fixed view of each
+image too, starting from the teacher's features of the initial views. Decision on the support set: the
+ridge head is fitted on all m·K views with their targets (the pool models train on all of them as well),
+so the kernel is (m·K)²; each view's image gradient flows back through its view onto the one stored image.
+Fitting on the m base images alone would leave the view targets without any gradient, and the student
+pre-trains on all m·K pairs, so the support set is what the student sees. The held-out check then scores
+each candidate with its views.
+
 Its section ``distill.krr_st`` is the engine's parameter set (:class:`KrrStConfig`, defined with the
 engine, which FRePo runs too); registering ``krr_st`` with it makes it a table of the config.
 """
@@ -21,6 +29,7 @@ import random
 import torch
 from torch import nn
 
+from ssdd import live_log
 from ssdd.config import DistillCommon
 from ssdd.data import ImageSet, Normalizer
 from ssdd.data.augment import crop_flip
@@ -29,6 +38,7 @@ from ssdd.distill.engines.krr_engine import DistillResult, KrrStConfig, distill_
 from ssdd.distill.engines.pool import ExpertPool, ModelPool
 from ssdd.distill.registry import DistillContext, DistilledSet, random_index, register
 from ssdd.models import build
+from ssdd.views import transforms as views
 
 # the smallest settings of this module's sections that run end to end (tests/test_methods.py; the
 # experts of krr_st_experts are shrunk by mkdt.py's, which registers them)
@@ -44,23 +54,42 @@ def krr_st(ctx: DistillContext) -> DistilledSet:
             "losses": result.losses, "pool_reinits": result.pool_reinits}
     if ctx.heldout is not None and len(ctx.heldout):
         meta["heldout_check"] = _heldout_check(ctx, result)
-    return DistilledSet(result.images, result.targets, meta=meta)
+    return DistilledSet(result.images, result.targets, meta=meta, view_targets=result.view_targets)
+
+
+def _with_views(ctx: DistillContext, images: torch.Tensor, targets: torch.Tensor,
+                view_targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A candidate as the ridge head sees it: with ``distill.views``, every view with its target."""
+    if ctx.cfg.views == views.NONE:
+        return images, targets
+    if view_targets is None:
+        view_targets = ctx.teacher_view_targets(images)
+    return views.expand(images, ctx.cfg.views), views.expand_targets(targets, view_targets)
 
 
 def _heldout_check(ctx: DistillContext, result: DistillResult) -> dict:
     """KRR-ST loss on held-out real batches: the distilled set, its start, an independent random draw."""
-    batches = heldout_batches(ctx.heldout, ctx.teacher, ctx.norm, ctx.cfg, ctx.seed + 7, ctx.device)
     other = random_index(len(ctx.source), ctx.cfg.m, ctx.seed + 10_007)
-    losses = heldout_losses({"distilled": (result.images, result.targets),
-                             "init": (result.init_images, result.init_targets),
-                             "other_random_subset": (ctx.to_space(ctx.source.images[other]), ctx.targets_for(other))},
-                            batches, ctx.spec, ctx.cfg, ctx.seed, ctx.device)
+    losses = heldout_check_losses(ctx, {
+        "distilled": _with_views(ctx, result.images, result.targets, result.view_targets),
+        "init": _with_views(ctx, result.init_images, result.init_targets, result.init_view_targets),
+        "other_random_subset": _with_views(ctx, ctx.to_space(ctx.source.images[other]), ctx.targets_for(other), None)})
     k = ctx.cfg.krr_st
+    for name, value in losses.items():  # one point each, at the last step, beside the loss curve
+        live_log.scalar(f"heldout/{name}", value, k.steps)
     losses["note"] = (f"init is the distillation's start, which is also this seed's random_subset set; "
                       f"other_random_subset is an independent draw of m={ctx.cfg.m} images. Measured on "
                       f"{k.check_batches} fixed augmented batches of {len(ctx.heldout)} held-out images with "
                       f"{k.check_models} fresh models.")
     return losses
+
+
+def heldout_check_losses(ctx: DistillContext, candidates: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """The held-out check's loss of each candidate (images, targets) at ``ctx.seed``: the same batches and
+    evaluation models as the check a ``krr_st`` run records (``ssdd diagnose images-vs-targets`` scores
+    mixed sets with it)."""
+    batches = heldout_batches(ctx.heldout, ctx.teacher, ctx.norm, ctx.cfg, ctx.seed + 7, ctx.device)
+    return heldout_losses(candidates, batches, ctx.spec, ctx.cfg, ctx.seed, ctx.device)
 
 
 @register("krr_st_experts", needs=("distill.krr_st", "distill.experts"), prep=("experts", "teacher_views"))
@@ -69,7 +98,8 @@ def krr_st_experts(ctx: DistillContext) -> DistilledSet:
     pool = ExpertPool(ctx.spec, ctx.prep["experts"]["trajectories"], ctx.device, ctx.seed)
     result = distill_krr_st(ctx, pool=pool)
     return DistilledSet(result.images, result.targets, meta={"init_index": result.init_index.tolist(),
-                                                             "steps": ctx.cfg.krr_st.steps, "losses": result.losses})
+                                                             "steps": ctx.cfg.krr_st.steps, "losses": result.losses},
+                        view_targets=result.view_targets)
 
 
 @torch.no_grad()

@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ssdd.config import Role, positive, roles
+from ssdd.config import Role, neutral, positive, roles
 from ssdd.distill.engines.experts import ExpertsConfig, kd_task, run_experts
 from ssdd.distill.engines.seeding import build_seeded, expert_seed
-from ssdd.distill.engines.trajectory import check_trajectories, match_trajectories
+from ssdd.distill.engines.trajectory import BATCH_ORDERS, check_trajectories, match_trajectories
 from ssdd.distill.engines.unroll_memory import check_unroll_memory
 from ssdd.distill.registry import DistillContext, DistilledSet, register, register_prep, replaced
 from ssdd.errors import UserError
@@ -55,8 +55,12 @@ class MkdtConfig:
     momentum: float = 0.5
     batch_syn: int = 0  # synthetic minibatch per unrolled step; 0 = the whole set
     init: str = "high_loss"  # "high_loss" (MKDT) or "random" (the paired random draw)
-    ROLES: ClassVar[dict[str, Role]] = roles("iterations syn_steps span max_start_epoch lr_images lr_targets lr_lr lr_init momentum batch_syn init")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("high_loss", "random")}
+    # minibatches of batch_syn: "chunks" (full chunks of each permutation, the remainder unused) or
+    # "reference" (the authors' code: the permutation's chunks last first, the short remainder first)
+    batch_order: str = "chunks"
+    ROLES: ClassVar[dict[str, Role]] = roles("iterations syn_steps span max_start_epoch lr_images lr_targets lr_lr lr_init momentum batch_syn init",
+                                           batch_order=neutral("chunks"))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"init": ("high_loss", "random"), "batch_order": BATCH_ORDERS}
 
     def check(self, at: str, distill: Any) -> None:
         positive(at, self, "iterations syn_steps span max_start_epoch")

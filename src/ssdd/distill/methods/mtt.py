@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ssdd.config import Role, positive, roles
+from ssdd.config import Role, neutral, positive, roles
 from ssdd.distill.engines.experts import ExpertsConfig, ExpertTask, run_experts
 from ssdd.distill.engines.per_class import balanced_start
 from ssdd.distill.engines.seeding import build_seeded, expert_seed
-from ssdd.distill.engines.trajectory import check_trajectories, match_trajectories
+from ssdd.distill.engines.trajectory import BATCH_ORDERS, check_trajectories, match_trajectories
 from ssdd.distill.engines.unroll_memory import check_unroll_memory
 from ssdd.distill.registry import DistillContext, DistilledSet, SourceLabels, register, register_prep
 from ssdd.errors import UserError
@@ -56,7 +56,10 @@ class MttConfig:
     momentum: float = 0.5
     batch_syn: int = 0  # synthetic minibatch per unrolled step; 0 = the whole set (MTT's default)
     experts: ExpertsConfig = field(default_factory=_mtt_experts)  # checked by its own check, at distill.mtt.experts
-    ROLES: ClassVar[dict[str, Role]] = roles("iterations syn_steps span max_start_epoch lr_images lr_lr lr_init momentum batch_syn experts")
+    batch_order: str = "chunks"  # "chunks" or "reference" (MTT's code): see distill.mkdt.batch_order
+    ROLES: ClassVar[dict[str, Role]] = roles("iterations syn_steps span max_start_epoch lr_images lr_lr lr_init momentum batch_syn experts",
+                                           batch_order=neutral("chunks"))
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"batch_order": BATCH_ORDERS}
 
     def check(self, at: str, distill: Any) -> None:
         positive(at, self, "iterations syn_steps span max_start_epoch")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from ssdd import live_log
 from ssdd.artifacts import restore_rng, rng_state
 from ssdd.config import DistillCommon, Role, positive, roles
 from ssdd.data import BatchSampler
@@ -149,7 +150,7 @@ def naive_bilevel(ctx: DistillContext) -> DistilledSet:
                             "(last checkpoint kept)")
         return loss
 
-    log = StepLog(losses, finish, device)  # on a GPU read every few steps, not one sync per step
+    log = StepLog(losses, finish, device, tag="loss")  # on a GPU read every few steps, not one sync per step
 
     def state() -> dict:
         log.read()
@@ -172,6 +173,7 @@ def naive_bilevel(ctx: DistillContext) -> DistilledSet:
             opt.step()
             if log.add(step, [loss, torch.isfinite(grad).all()]):
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            live_log.synthetic(step + 1, nb.steps, lambda: ctx.to_unit(x_s))
             hooks.after_step(step + 1, nb.steps, state, "naive_bilevel")
         log.read()
     return DistilledSet(x_s.detach(), None, objective="barlow_twins",

@@ -12,7 +12,7 @@ import torch
 
 import ssdd.run.freshness as freshness
 import ssdd.run.units as units
-from ssdd import artifacts, distilled_set, layout
+from ssdd import artifacts, distilled_set, layout, live_log
 from ssdd.data import ImageSet
 from ssdd.distill import registry
 from ssdd.distill.registry import DistillContext, DistilledSet, declared, random_index
@@ -21,6 +21,7 @@ from ssdd.models import model_spec
 from ssdd.run.freshness import Unit
 from ssdd.run.stages.base import Stage
 from ssdd.run.state import RunState
+from ssdd.views import approx as view_approx
 
 log = logging.getLogger("ssdd")
 
@@ -66,8 +67,9 @@ class Distill(Stage):
                 ctx = dataclasses.replace(for_seed(run, base, k), prep=prep,
                                           cfg=declared(run.cfg.distill, method.name, method.needs))
                 start = time.perf_counter()
-                ckpt, result = units.resumable(run, f"distill-{method.name}{layout.seed_suffix(k)}", unit,
-                                               lambda hooks: method.run(dataclasses.replace(ctx, hooks=hooks)))
+                with live_log.scope(f"distill/{method.name}/seed{k}"):
+                    ckpt, result = units.resumable(run, f"distill-{method.name}{layout.seed_suffix(k)}", unit,
+                                                   lambda hooks: method.run(dataclasses.replace(ctx, hooks=hooks)))
                 save_set(run, path, method.name, k, unit, result, ctx)
                 units.record_time(run.out, layout.distill_timing_key(method.name, k), time.perf_counter() - start)
                 ckpt.clear()
@@ -99,4 +101,21 @@ def save_set(run: RunState, path: Path, name: str, k: int, unit: Unit, result: D
             "image_space": cfg.distill.image_space,
             "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist(), "model_spec": ctx.spec,
             **result.meta}
-    distilled_set.save_arrays(path, result.images, targets, meta)
+    view_targets, view_net = None, None
+    if cfg.distill.views != "none" and result.objective == "mse":
+        view_targets, view_meta = set_views(ctx, result)
+        meta.update(view_meta)
+        if cfg.distill.view_store == "approx":
+            view_net, meta["view_approx_rmse"] = view_approx.fit(targets, view_targets, cfg.distill.view_approx_hidden,
+                                                                 seed=ctx.seed)
+            view_targets = None
+    distilled_set.save_arrays(path, result.images, targets, meta, view_targets, view_net)
+
+
+def set_views(ctx: DistillContext, result: DistilledSet) -> tuple[torch.Tensor, dict]:
+    """The targets of a set's views 1..K-1 (``distill.views``): what the method learned, else the teacher's
+    features of the set's own views (exact for real subsets; for synthetic images, the teacher's reading
+    of them). Sets whose targets are not MSE targets (labels, self-supervised) carry no views."""
+    if result.view_targets is not None:
+        return result.view_targets.detach(), {"views": ctx.cfg.views, "view_targets_from": "learned"}
+    return ctx.teacher_view_targets(result.images), {"views": ctx.cfg.views, "view_targets_from": "teacher"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import ssdd.run.units as units
-from ssdd import artifacts, distilled_set, layout
+from ssdd import artifacts, distilled_set, layout, live_log
 from ssdd.checkpoint import Checkpointer, Hooks
 from ssdd.errors import UserError
 from ssdd.evaluate import Target, evaluate_encoder
@@ -74,10 +74,18 @@ def evaluate_unit(run: RunState, unit: EvalUnit) -> list[dict]:
         return Hooks(ckpt.load(), ckpt.save, ckpt.due, run.stop, agree=False)
 
     assert isinstance(unit.target, Target)
-    with artifacts.own_writes():
+    name = f"{unit.method.name}{'@' + unit.arch if unit.arch else ''}/{unit.target.name}/seed{unit.k}"
+    with artifacts.own_writes(), live_log.scope(f"finetune/{name}"):
         rows = evaluate_encoder(unit.method.name, run.cfg.seed + unit.k, encoder, unit.target, eval_cfg,
                                 str(run.device), run.progress, finetune_hooks=hooks)
-    return [{**row, "group": unit.group} for row in rows]
+    recipe = encoder_recipe(run, unit)
+    return [{**row, "group": unit.group, **({"recipe": recipe} if recipe else {})} for row in rows]
+
+
+def encoder_recipe(run: RunState, unit: EvalUnit) -> str | None:
+    """The pre-training recipe the evaluated encoder was made by, when it records one (``pretrain.recipes``)."""
+    path = layout.encoder_path(run.out, unit.method.name, unit.enc_k, unit.arch)
+    return artifacts.read_meta(path).get("recipe") if path.suffix == ".safetensors" and path.is_file() else None
 
 
 def finetune_checkpointer(run: RunState, unit: EvalUnit, fraction: float) -> Checkpointer:

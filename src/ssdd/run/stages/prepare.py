@@ -23,7 +23,7 @@ class Prepare(Stage):
 
     def run(self, run: RunState) -> None:
         data, units = run.cfg.data, run.plan.units
-        source = load_source(data.source, data.size, "train", data.source_max_per_class or None)
+        source = load_source(data.source, data.size, "train", data.source_max_per_class or None, run.progress)
         if data.heldout >= len(source):
             raise UserError(f"config: data.heldout={data.heldout} leaves no source images ({len(source)} in all)")
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(run.cfg.seed))
@@ -35,7 +35,8 @@ class Prepare(Stage):
         save_dataset(layout.source_path(run.out, "train"), unlabeled.subset(order[data.heldout:]), record)
         save_dataset(layout.source_path(run.out, "heldout"), unlabeled.subset(order[:data.heldout]), record)
         for target in data.targets:
-            train, test = load_target(target, data.size, run.cfg.evaluate.test_split, data.target_max_per_class or None)
+            train, test = load_target(target, data.size, run.cfg.evaluate.test_split, data.target_max_per_class or None,
+                                      run.progress)
             train_path, test_path = layout.target_paths(run.out, run.plan.target_names[target])
             save_dataset(train_path, train, units.target(target).record())
             save_dataset(test_path, test, units.target(target).record())

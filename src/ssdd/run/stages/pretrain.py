@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ssdd.run.units as units
-from ssdd import artifacts, distributed, layout
+from ssdd import artifacts, distributed, layout, live_log
 from ssdd.run.stages.base import Stage
 from ssdd.run.state import RunState
 
@@ -30,7 +30,12 @@ class Pretrain(Stage):
             unit = plan.encoder_unit(method, k, arch)
             if not units.fresh(path, unit):
                 todo.append((method, k, arch, path, unit))
-        units.in_rounds(run, "pretrain", todo, lambda u: plan.recipe(u[0]).make(run, u[1], u[2]),
+
+        def make(u: tuple) -> tuple:
+            with live_log.scope(f"pretrain/{layout.pretrain_log_key(u[0].name, u[1], u[2])}"):
+                return plan.recipe(u[0]).make(run, u[1], u[2])
+
+        units.in_rounds(run, "pretrain", todo, make,
                         lambda u, made: artifacts.save_encoder(u[3], made[0], made[1], {**made[2], **u[4].record()}))
         if distributed.is_main():
             curves = {layout.pretrain_log_key(m.name, k, a): artifacts.read_meta(path).get("loss_curve")

@@ -1,10 +1,10 @@
-"""Stage ``report``: ``report.md`` and its figures from the run folder."""
+"""Stage ``report``: ``report.md``, ``report.html`` and their figures from the run folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ssdd import layout, report
+from ssdd import layout, report_html
 from ssdd.run.stages.base import Stage
 from ssdd.run.state import RunState
 
@@ -21,7 +21,7 @@ class Report(Stage):
     name, main_only = "report", True
 
     def outputs(self, run: RunState) -> list[Path]:
-        return [layout.report_path(run.out)]
+        return [layout.report_path(run.out), layout.report_html_path(run.out)]
 
     def run(self, run: RunState) -> None:
-        report.write_report(run.out, methods=list(run.cfg.methods), interval_note=INTERVAL_NOTE)
+        report_html.write_reports(run.out, methods=list(run.cfg.methods), interval_note=INTERVAL_NOTE)

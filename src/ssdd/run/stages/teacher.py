@@ -9,7 +9,7 @@ import torch
 
 import ssdd.run.freshness as freshness
 import ssdd.run.units as units
-from ssdd import artifacts
+from ssdd import artifacts, live_log
 from ssdd.data import ImageSet, load_source
 from ssdd.models import model_spec
 from ssdd.run.stages.base import Stage
@@ -44,9 +44,10 @@ class Teacher(Stage):
             extra = [load_source(spec, cfg.data.size, "train").images for spec in cfg.teacher.extra_sources]
             data = ImageSet(torch.cat([data.images, *extra]), None, [], "teacher_images")
             log.info("teacher  trains on %d unlabeled images (source + teacher.extra_sources)", len(data))
-        ckpt, result = units.resumable(run, "teacher", unit, lambda hooks: train_barlow_twins(
-            data, norm, cfg.teacher, cfg.seed, run.device, run.progress, hooks.resume, hooks.checkpoint,
-            hooks.checkpoint_due, hooks.should_stop, data_parallel=True))
+        with live_log.scope("teacher"):
+            ckpt, result = units.resumable(run, "teacher", unit, lambda hooks: train_barlow_twins(
+                data, norm, cfg.teacher, cfg.seed, run.device, run.progress, hooks.resume, hooks.checkpoint,
+                hooks.checkpoint_due, hooks.should_stop, data_parallel=True))
         artifacts.save_encoder(path, result.encoder, result.spec,
                                {"method": "barlow_twins", "source": cfg.data.source, "seed": cfg.seed,
                                 "extra_sources": cfg.teacher.extra_sources, "images_seen": len(data),
