@@ -156,7 +156,7 @@ def cell_text(cell: dict, typical_n: int | None = None) -> str:
     if isinstance(capture, dict):
         bounds = ("unbounded" if not math.isfinite(capture["lo"]) else
                   "[" + ", ".join(f"{x:+.0f}".replace("-", "−") for x in (capture["lo"], capture["hi"])) + "]")
-        notes.append(f"capture {capture['mean']:.0f} % {bounds}")
+        notes.append(f"capture {capture['mean']:.0f} % {bounds}".replace("-", "−"))
     if cell.get("recipes"):
         notes.append("recipe " + "/".join(str(r) for r in cell["recipes"]))
     return f"{text} ({', '.join(notes)})"

@@ -159,6 +159,9 @@ class DistillCommon:
                                                      "view_store": ("targets", "approx")}
 
 
+RECIPES = ("short", "krr_st", "mkdt")  # pretrain.recipes: what each is, ssdd.pretrain_recipes
+
+
 @dataclass
 class PretrainConfig:
     archs: list[str] = field(default_factory=list)  # architecture transfer: also pre-train (and fine-tune) these
@@ -381,9 +384,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config: evaluate.protocols: unknown protocol '{proto}' (valid: linear, finetune, kd)")
     if not cfg.data.targets:
         raise UserError("config: data.targets must name at least one target dataset")
-    from ssdd.pretrain_recipes import NAMES
-    if not cfg.pretrain.recipes or any(r not in NAMES for r in cfg.pretrain.recipes):
-        raise UserError(f"config: pretrain.recipes must name one or more of {', '.join(NAMES)}, got {cfg.pretrain.recipes}")
+    if not cfg.pretrain.recipes or any(r not in RECIPES for r in cfg.pretrain.recipes):
+        raise UserError(f"config: pretrain.recipes must name one or more of {', '.join(RECIPES)}, got {cfg.pretrain.recipes}")
     if cfg.pretrain.choose_on and cfg.pretrain.choose_on not in cfg.data.targets:
         raise UserError(f"config: pretrain.choose_on must be one of data.targets {cfg.data.targets}, got "
                         f"{cfg.pretrain.choose_on!r}")

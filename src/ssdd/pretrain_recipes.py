@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ssdd.config import RECIPES as NAMES
 from ssdd.config import Config, PretrainConfig
-
-NAMES = ("short", "krr_st", "mkdt")
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """One pre-training schedule: SGD with momentum on the set's (view, target) pairs, no augmentation."""
+
     name: str
     epochs: int
     lr: float
@@ -32,10 +33,6 @@ class Recipe:
     batch: int
     schedule: str  # "cosine" (to 0 over all steps) or "constant"
     learned_lr: bool = True  # a set's learned lr (MKDT) replaces ``lr``
-
-    def describe(self) -> str:
-        return (f"{self.name}: {self.epochs} epochs, SGD lr {self.lr:g}{' (or the set''s learned lr)' if self.learned_lr else ''}"
-                f", momentum {self.momentum:g}, wd {self.weight_decay:g}, batch {self.batch}, {self.schedule}")
 
 
 def recipe(name: str, cfg: PretrainConfig) -> Recipe:
