@@ -126,6 +126,7 @@ FINETUNE = ["--preset", "demo", "--no-progress", "--set", "teacher.epochs=1", "-
 
 @pytest.mark.slow
 def test_a_killed_finetune_resumes_to_the_same_result(tmp_path):
+    import hashlib
     import json
 
     base = tmp_path / "base"
@@ -138,14 +139,25 @@ def test_a_killed_finetune_resumes_to_the_same_result(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "ssdd", "run", "--out", str(out), *FINETUNE],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def intact_steps() -> list[int]:  # a record is written before its data: count a checkpoint once both are whole
+        steps = []
+        for record in out.glob("finetune-*.ckpt-*.json"):
+            try:
+                meta, data = json.loads(record.read_text()), record.with_suffix(".pt").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if hashlib.sha256(data).hexdigest() == meta["sha256"]:
+                steps.append(int(meta["step"]))
+        return steps
+
     deadline = time.monotonic() + 300
-    while not list(out.glob("finetune-*.ckpt-*.json")) and proc.poll() is None and time.monotonic() < deadline:
+    while not intact_steps() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the fine-tune ended before its first checkpoint"
     time.sleep(0.3)
     proc.kill()
     proc.wait()
-    steps = [int(p.stem.rsplit("-", 1)[1]) for p in out.glob("finetune-*.ckpt-*.json")]
+    steps = intact_steps()  # the newest intact one is where the rerun resumes (a kill mid-write leaves the one before)
     assert steps and 0 < max(steps) < 400 and not (out / "results.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "ssdd", "run", "--out", str(out), *FINETUNE], capture_output=True,
                              text=True, timeout=600)
