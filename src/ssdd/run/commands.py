@@ -51,15 +51,20 @@ def prepare_file(source: str, fmt: str, size: int, out: str | Path, split: str =
 
 def pretrain_file(cfg: Config, distilled: str | Path, out: str | Path, device: str = "auto",
                   progress: bool = True) -> Path:
-    """``ssdd pretrain --distilled FILE``: encoders for each seed from one distilled set."""
+    """``ssdd pretrain --distilled FILE``: encoders for each seed from one distilled set, by the one recipe of
+    ``pretrain.recipes`` (choosing among several needs a target: that is the pipeline's ``pretrain`` stage)."""
     single_process("ssdd pretrain --distilled")
+    if len(cfg.pretrain.recipes) != 1:
+        raise UserError(f"ssdd pretrain --distilled: pretrain.recipes must name one recipe here, got "
+                        f"{cfg.pretrain.recipes} (the choice among several runs in `ssdd run` / `ssdd compare`)")
     out, dev, logs = Path(out), resolve_device(device), {}
     determinism.configure(cfg.deterministic, dev)
     method = distilled_set.method_of(distilled)
     with live_log.opened(cfg.log, layout.live_log_dir(out)):
         for k in range(cfg.evaluate.seeds):
             with precision.use(run_precision(cfg, dev)), live_log.scope(f"pretrain/{layout.pretrain_log_key(method, k)}"):
-                encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress)
+                encoder, curve, spec = pretrain_set(cfg, distilled, cfg.seed + k, dev, progress,
+                                                    recipe_name=cfg.pretrain.recipes[0])
             artifacts.save_encoder(layout.encoder_path(out, method, k), encoder, spec,
                                    {"method": method, "seed": cfg.seed + k, "distilled_set": Path(distilled).name,
                                     "loss_curve": curve})
