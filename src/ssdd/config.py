@@ -24,39 +24,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ssdd.config_roles import (  # noqa: F401  (re-exported: sections declare their roles from here)
+    META, NO_NEUTRAL, NUMERICS, RESULT, Role, neutral, roles, roles_of)
 from ssdd.errors import UserError
-
-# ---- how each key counts in fingerprints (ssdd.fingerprint) -----------------------------------
-
-NO_NEUTRAL = type("NoNeutral", (), {"__repr__": lambda self: "NO_NEUTRAL"})()  # in the first fingerprinted schema
-
-
-@dataclass(frozen=True)
-class Role:
-    """How a config key enters the fingerprints of the units that read it.
-
-    ``affects``: "result" (hashed), "numerics" (changes rounding only) or "meta" (changes neither the numbers
-    nor what a unit computes); the last two are recorded in artifacts, not hashed. ``neutral``: the value that
-    reproduces ssdd's behaviour from before the key existed; a value equal to it is left out of fingerprints,
-    so adding a key with a neutral default redoes nothing. Every key added from now on needs one."""
-
-    affects: str = "result"
-    neutral: Any = NO_NEUTRAL
-
-
-RESULT, NUMERICS, META = Role(), Role("numerics"), Role("meta")
-
-
-def neutral(value: Any) -> Role:
-    """A result key whose ``value`` is what ssdd did before the key existed."""
-    return Role("result", value)
-
-
-def roles(results: str, **others: Role) -> dict[str, Role]:
-    """A dataclass's ``ROLES``: the space-separated ``results`` are plain result keys, ``others`` the rest."""
-    table = {name: RESULT for name in results.split()}
-    table.update(others)
-    return table
 
 
 def positive(at: str, section: Any, names: str) -> None:
@@ -73,18 +43,6 @@ def nonnegative(at: str, section: Any, names: str) -> None:
         value = getattr(section, name)
         if value < 0:
             raise UserError(f"config: {at}.{name} must be 0 or more, got {value}")
-
-
-def roles_of(cls: type) -> dict[str, Role]:
-    """``cls.ROLES``, checked to name every field of ``cls`` exactly (a key without a role is a bug)."""
-    table = getattr(cls, "ROLES", None)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if table is None or set(table) != set(names):
-        missing = sorted(set(names) - set(table or {}))
-        extra = sorted(set(table or {}) - set(names))
-        raise TypeError(f"{cls.__name__}.ROLES must give every field a fingerprint role "
-                        f"(missing: {missing}, unknown: {extra})")
-    return table
 
 
 @dataclass

@@ -127,12 +127,21 @@ def resolve_targets(targets: torch.Tensor | None, n: int, where: str, objective:
     return rows, objective
 
 
+def read_foreign(fmt: str, paths: list[Path]) -> Foreign:
+    """What the reader of ``fmt`` finds in ``paths``."""
+    if fmt == "hf":
+        from ssdd.interop.hf import read_hf_set  # needs the optional datasets package
+
+        return read_hf_set(paths)
+    return READERS[fmt](paths)
+
+
 def import_set(files: Sequence[str | os.PathLike], fmt: str, out: str | os.PathLike, image_space: str = "auto",
                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, objective: str = "auto",
                method: str | None = None) -> Path:
     """Convert another tool's distilled set into an ssdd distilled-set artifact at ``out`` (written
     atomically), with the metadata ssdd's own sets carry, so ``pretrain --distilled`` treats it alike."""
-    if fmt not in READERS:
+    if fmt not in FORMATS_IN:
         raise UserError(f"import: unknown --format {fmt!r} (expected {', '.join(FORMATS_IN)})")
     out = Path(out)
     if out.is_dir():
@@ -141,7 +150,7 @@ def import_set(files: Sequence[str | os.PathLike], fmt: str, out: str | os.PathL
     for path in paths:
         if not path.exists():
             raise UserError(f"{path}: not found")
-    found = READERS[fmt](paths)
+    found = read_foreign(fmt, paths)
     images = _images(found)
     images, space, mean_, std_, how = resolve_space(found, images, image_space, mean, std)
     classes = len(found.meta["class_names"]) if isinstance(found.meta.get("class_names"), list) else None

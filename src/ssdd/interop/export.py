@@ -10,24 +10,17 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ssdd import artifacts, distilled_set
 from ssdd.distilled_set import DistilledArtifact
 from ssdd.errors import UserError
+from ssdd.interop.pixels import to_pixels
 from ssdd.interop.readers import TARGETS_FILE, _listing
 
 log = logging.getLogger("ssdd")
 
 FORMATS_OUT = ("imagefolder", "npz", "hf")
-
-
-def to_pixels(artifact: DistilledArtifact) -> tuple[np.ndarray, float]:
-    """The set's images as (N,H,W,C) uint8 pixels, and the fraction of values outside [0, 1] that were clipped."""
-    x = artifact.to_unit()
-    clipped = float(((x < 0) | (x > 1)).float().mean())
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), clipped
 
 
 def _replaceable(folder: Path) -> bool:

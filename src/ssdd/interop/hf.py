@@ -28,7 +28,7 @@ from ssdd import artifacts, distilled_set
 from ssdd.data.formats import hf as hf_format
 from ssdd.data.formats.common import one_line
 from ssdd.errors import UserError
-from ssdd.interop.export import to_pixels
+from ssdd.interop.pixels import to_pixels
 from ssdd.interop.readers import Foreign, _single
 
 log = logging.getLogger("ssdd")

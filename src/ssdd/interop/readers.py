@@ -312,12 +312,7 @@ def read_imagefolder(paths: list[Path]) -> Foreign:
     return Foreign(_stack(files), None, [f.name for f in files], str(folder), pixels=True)
 
 
-def read_hf(paths: list[Path]) -> Foreign:
-    from ssdd.interop.hf import read_hf_set  # that module builds on this one's Foreign
-
-    return read_hf_set(paths)
-
-
 READERS: dict[str, Callable[[list[Path]], Foreign]] = {
-    "krr_st": read_krr_st, "mkdt": read_mkdt, "npz": read_npz, "imagefolder": read_imagefolder, "hf": read_hf}
+    "krr_st": read_krr_st, "mkdt": read_mkdt, "npz": read_npz, "imagefolder": read_imagefolder}
+# "hf" is read by ssdd.interop.hf (which builds on this module's Foreign): ssdd.interop.convert dispatches to it
 
