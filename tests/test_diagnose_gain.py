@@ -125,3 +125,29 @@ def test_a_missing_seed_is_one_line(run_folder, capsys):
     assert main(["diagnose", "images-vs-targets", "--seed-index", "1", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "krr_st.seed1.safetensors" in err and "ssdd distill" in err
+
+
+@pytest.fixture(scope="module")
+def views_folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gain_views")
+    args = _args(tmp, ["krr_st", "random_subset"]) + ["--set", "distill.views=rot"]
+    assert main(["run", "--until", "distill", *args]) == 0
+    return tmp, args
+
+
+def test_a_views_set_is_scored_as_its_own_check_scored_it(views_folder):
+    """With views, each candidate is every view of its images with its targets: the rebuilt start and the
+    distilled set reproduce the run's recorded check, and a real subset (teacher view targets) moved nowhere."""
+    tmp, args = views_folder
+    out = tmp / "run"
+    assert main(["diagnose", "images-vs-targets", *args]) == 0
+    result = json.loads((out / "images_vs_targets.krr_st.json").read_text())
+    recorded = distilled_set.read_meta(out / "distilled" / "krr_st.safetensors")["heldout_check"]
+    assert result["views"] == "rot"
+    assert result["losses"]["initial"] == pytest.approx(recorded["init"], rel=1e-6)
+    assert result["losses"]["distilled"] == pytest.approx(recorded["distilled"], rel=1e-6)
+    assert len({round(v, 12) for v in result["losses"].values()}) == 4
+    assert main(["diagnose", "images-vs-targets", "--method", "random_subset", *args]) == 0
+    real = json.loads((out / "images_vs_targets.random_subset.json").read_text())
+    assert real["movement"]["targets"]["relative_norm_change"] == pytest.approx(0, abs=1e-6)
+    assert all(v == pytest.approx(real["losses"]["initial"], rel=1e-6) for v in real["losses"].values())

@@ -12,6 +12,10 @@ mean magnitude, targets by the relative norm of their change.
 The start is not stored in the set; it is rebuilt from the recorded ``init_index`` by the engine's own
 :func:`ssdd.distill.engines.krr_engine.initial_set`, so it is the start the method had, not a copy of
 its recipe.
+
+A set with ``distill.views`` is scored as its run's check scores it: every view of each candidate's images,
+each with its target. Its targets are then the base target with the K-1 view targets (the start's are the
+teacher's features of the initial views, as the run began), and the targets' movement is over all m·K.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ssdd.distill.methods.krr_st import heldout_check_losses
 from ssdd.distill.registry import DistillContext
 from ssdd.distilled_set import DistilledArtifact, to_unit
 from ssdd.errors import UserError
+from ssdd.views import transforms as views
 
 # the four sets, in the table's order: (key, images, targets)
 SETS = (("initial", "initial", "initial"), ("distilled_images", "distilled", "initial"),
@@ -85,9 +90,9 @@ def gain_split(ctx: DistillContext, artifact: DistilledArtifact) -> dict[str, An
     if artifact.objective != "mse" or artifact.targets.shape[1] == 0:
         raise UserError(f"diagnose images-vs-targets: {artifact.method} sets have {artifact.objective} targets; "
                         "this diagnostic is for sets with learned MSE targets (krr_st, krr_st_experts)")
-    if artifact.meta.get("views", "none") != "none":  # the views' own targets would need a split of their own
-        raise UserError(f"diagnose images-vs-targets: {artifact.path} was distilled with views "
-                        f"({artifact.meta['views']}); only sets without distill.views are split")
+    if artifact.views != ctx.cfg.views:
+        raise UserError(f"diagnose images-vs-targets: {artifact.path} has views {artifact.views!r} but this config's "
+                        f"distill.views is {ctx.cfg.views!r}; diagnose it with the config it was made with")
     if "init_index" not in artifact.meta:
         raise UserError(f"diagnose images-vs-targets: {artifact.path} records no init_index, so its start is unknown")
     if ctx.heldout is None or len(ctx.heldout) == 0:
@@ -102,11 +107,18 @@ def gain_split(ctx: DistillContext, artifact: DistilledArtifact) -> dict[str, An
     # layout, and a convolution may round differently on another)
     x = artifact.images.to(ctx.device, x0.dtype).contiguous(memory_format=torch.channels_last)
     y = artifact.targets.to(ctx.device, y0.dtype)
+    if artifact.views != views.NONE:  # a target is then the base target with the targets of views 1..K-1
+        y0 = views.expand_targets(y0, ctx.teacher_view_targets(x0).to(y0.dtype))
+        y = views.expand_targets(y, artifact.all_view_targets().to(ctx.device, y0.dtype))
     pick = {"initial": (x0, y0), "distilled": (x, y)}
-    losses = heldout_check_losses(ctx, {key: (pick[i][0], pick[t][1]) for key, i, t in SETS})
+    def images(which: str) -> torch.Tensor:
+        return pick[which][0] if artifact.views == views.NONE else views.expand(pick[which][0], artifact.views)
+
+    losses = heldout_check_losses(ctx, {key: (images(i), pick[t][1]) for key, i, t in SETS})
     k = ctx.cfg.krr_st
     result: dict[str, Any] = {
-        "method": artifact.method, "seed": ctx.seed, "m": len(index), "image_space": artifact.image_space,
+        "method": artifact.method, "seed": ctx.seed, "m": len(index), "views": artifact.views,
+        "image_space": artifact.image_space,
         "losses": losses, "gain": split(losses), "movement": movement(x0, x, y0, y, artifact.image_space,
                                                                         artifact.mean, artifact.std),
         "check": {"heldout_images": len(ctx.heldout), "batches": k.check_batches, "models": k.check_models,
