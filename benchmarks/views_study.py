@@ -6,6 +6,7 @@ seed and label draws), and beside ``random_subset`` and ``random_subset+views``.
 / ``.csv`` / ``.json`` / ``.png`` into ``--out`` through ssdd's own compare writers.
 
     python benchmarks/views_study.py --base runs/qs-study-base --views runs/qs-study-views --out DIR
+    python benchmarks/views_study.py --base A --views rot=B --views crops=C --out DIR   # rows <method>+rot, +crops
 """
 
 from __future__ import annotations
@@ -35,19 +36,29 @@ def storage_of(folder: Path, suffix: str) -> dict[str, int]:
     return out
 
 
+def labelled(text: str) -> tuple[str, Path]:
+    """``LABEL=FOLDER`` -> (LABEL, FOLDER); a bare FOLDER is labelled ``views``."""
+    label, sep, folder = text.partition("=")
+    return (label, Path(folder)) if sep else ("views", Path(text))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--views", type=Path, required=True)
+    parser.add_argument("--views", action="append", required=True, type=labelled,
+                        help="FOLDER (rows <method>+views) or LABEL=FOLDER (rows <method>+LABEL); repeatable")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--baseline", default="random_subset", help="the row every other is paired with")
     args = parser.parse_args()
-    rows = rows_of(args.base, "") + rows_of(args.views, "+views")
+    rows, storage = rows_of(args.base, ""), storage_of(args.base, "")
+    for label, folder in args.views:
+        rows += rows_of(folder, f"+{label}")
+        storage.update(storage_of(folder, f"+{label}"))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    storage = {**storage_of(args.base, ""), **storage_of(args.views, "+views")}
     args.out.mkdir(parents=True, exist_ok=True)
+    folders = ", ".join(str(f) for f in [args.base, *(f for _, f in args.views)])
     path = write_compare(args.out, rows, methods, args.baseline, storage=storage,
-                         interval_note=f"seeds pair across the two folders {args.base} and {args.views}")
+                         interval_note=f"seeds pair across the folders {folders}")
     print(path.read_text())
 
 

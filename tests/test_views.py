@@ -20,7 +20,7 @@ TINY = ["--set", "teacher.epochs=1", "--set", "distill.krr_st.steps=3", "--set",
         "--set", "evaluate.linear_c_grid=[1.0]", "--set", "methods=[\"krr_st\",\"random_subset\"]"]
 
 
-@pytest.mark.parametrize("family", ["rot", "flip", "crops"])
+@pytest.mark.parametrize("family", ["rot", "flip", "rotflip", "crops"])
 def test_view_zero_is_the_image_and_expand_is_view_major(family):
     x = torch.randn(3, 2, 8, 8)
     k = count(family)
@@ -39,6 +39,14 @@ def test_rotations_are_boosts_four_and_distinct():
     views = [apply_view(x, "rot", v) for v in range(4)]
     assert torch.equal(views[1], torch.rot90(x, 1, (2, 3))) and torch.equal(torch.rot90(views[3], 1, (2, 3)), x)
     assert len({tuple(v.flatten().tolist()) for v in views}) == 4
+
+
+def test_rotflip_is_the_eight_symmetries_of_the_square():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = [apply_view(x, "rotflip", v) for v in range(8)]
+    assert all(torch.equal(views[v], torch.rot90(x, v, (2, 3))) for v in range(4))
+    assert torch.equal(views[5], torch.flip(torch.rot90(x, 1, (2, 3)), (3,)))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
 
 
 def test_image_gradient_through_views_is_the_sum_of_each_views_adjoint():

@@ -104,7 +104,8 @@ class DistillCommon:
     flip: bool = True
     crop_pad: int = 4
     target_views: int = 1  # targets = teacher features averaged over this many crop/flip views (1 = plain)
-    # fixed views per image, each with its own target (ssdd.views): none, rot (Boost's 4 rotations), flip, crops.
+    # fixed views per image, each with its own target (ssdd.views): none, rot (Boost's 4 rotations), flip, rotflip
+    # (the 8 symmetries of the square), crops.
     # Real subsets take the teacher's view targets, krr_st learns them; pre-training regresses every view
     views: str = "none"
     view_store: str = "targets"  # how view targets are stored: "targets", or "approx" (one small MLP per view)
@@ -113,7 +114,7 @@ class DistillCommon:
                                            views=neutral("none"), view_store=neutral("targets"),
                                            view_approx_hidden=neutral(32))
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"image_space": ("normalized", "reference"),
-                                                     "views": ("none", "rot", "flip", "crops"),
+                                                     "views": ("none", "rot", "flip", "rotflip", "crops"),
                                                      "view_store": ("targets", "approx")}
 
 

@@ -4,10 +4,11 @@ Every family starts with the identity (view 0 is the stored image, whose target 
 
 - ``rot``: rotations by 0, 90, 180 and 270 degrees (Boost-SSL-DD's views), K = 4;
 - ``flip``: the image and its horizontal mirror, K = 2;
+- ``rotflip``: the eight symmetries of the square (the four rotations, then each of them mirrored), K = 8;
 - ``crops``: the image and four fixed shifted crops of its zero-padded copy (the corners of a
   ``crop_pad`` grid, the same kind of crop the training augmentation draws at random), K = 5.
 
-Each view is a permutation (rot, flip) or a shift with zero fill (crops) of the pixels: linear, so a
+Each view is a permutation (rot, flip, rotflip) or a shift with zero fill (crops) of the pixels: linear, so a
 gradient reaches the stored image through every view (KRR-ST learns through them).
 """
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 NONE = "none"
-FAMILIES = {NONE: 1, "rot": 4, "flip": 2, "crops": 5}  # name -> K, the number of views with the identity
+FAMILIES = {NONE: 1, "rot": 4, "flip": 2, "rotflip": 8, "crops": 5}  # name -> K, the number of views with the identity
 CROP_PAD = 4  # pixels a crop view shifts by (the default crop_pad of the augmentation)
 
 
@@ -44,6 +45,9 @@ def apply_view(x: torch.Tensor, family: str, view: int) -> torch.Tensor:
         return torch.rot90(x, view, dims=(-2, -1))
     if family == "flip":
         return torch.flip(x, dims=(-1,))
+    if family == "rotflip":
+        turned = torch.rot90(x, view % 4, dims=(-2, -1))
+        return torch.flip(turned, dims=(-1,)) if view >= 4 else turned
     corners = [(0, 0), (0, 2 * CROP_PAD), (2 * CROP_PAD, 0), (2 * CROP_PAD, 2 * CROP_PAD)]
     dy, dx = corners[view - 1]
     return _crop(x, dy, dx, CROP_PAD)
