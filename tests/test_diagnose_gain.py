@@ -10,28 +10,19 @@ import torch
 
 from ssdd import distilled_set
 from ssdd.cli import main
-from ssdd.data import ImageSet, Normalizer
-from ssdd.distill import DistillContext, Hooks, distill_krr_st, random_index
+from ssdd.distill import distill_krr_st
 from ssdd.distill.diagnose_gain import format_table, gain_split, movement, split
 from ssdd.distill.engines.krr_engine import KrrStConfig, initial_set
 from ssdd.errors import UserError
-from ssdd.models import build
-from ssdd.settings import DistillConfig
-from ssdd.teacher import FeatureExtractor
-
-SPEC = {"arch": "convnet", "in_channels": 1, "image_size": 16, "out_dim": 6, "widths": [4, 8], "pool": "gap"}
+from test_distill import context, setup
 
 
 def test_rebuilt_start_is_the_start_the_engine_used():
-    gen = torch.Generator().manual_seed(0)
-    source = ImageSet(torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8, generator=gen))
-    torch.manual_seed(123)
-    teacher = FeatureExtractor(build({**SPEC, "out_dim": 0, "widths": [6, 6]})).eval()
-    cfg = DistillConfig(m=8, batch=16, krr_st=KrrStConfig(steps=1, pool_size=2, pool_max_age=3))
+    source, teacher, norm, cfg = setup()
+    cfg.krr_st = KrrStConfig(steps=1, pool_size=2, pool_max_age=3)
     for space in ("normalized", "reference"):
         cfg.image_space = space
-        ctx = DistillContext(source, None, teacher, Normalizer(*source.mean_std()), SPEC, cfg, 3,
-                             random_index(len(source), cfg.m, 3), "cpu", False, Hooks())
+        ctx = context(source, teacher, norm, cfg, 3)
         result = distill_krr_st(ctx)
         x0, y0 = initial_set(ctx, result.init_index)
         assert torch.equal(x0, result.init_images) and torch.equal(y0, result.init_targets)

@@ -15,7 +15,7 @@ from PIL import Image
 from ssdd import artifacts, distilled_set
 from ssdd.distilled_set import DistilledArtifact
 from ssdd.errors import UserError
-from ssdd.interop.pixels import to_pixels
+from ssdd.interop.pixels import check_png_folder_out, to_pixels
 from ssdd.interop.readers import TARGETS_FILE, _listing
 
 log = logging.getLogger("ssdd")
@@ -77,13 +77,7 @@ def export_set(distilled: str | os.PathLike, fmt: str, out: str | os.PathLike) -
             _save_npz(tmp, {"images": images.numpy(), **_facts(artifact)})
         log.info("exported %d images and targets %s -> %s", len(images), list(artifact.targets.shape[1:]), out)
         return out
-    if images.shape[1] not in (1, 3):
-        raise UserError(f"{distilled}: PNG export needs 1 or 3 channels, the images have {images.shape[1]}; "
-                        "use --format npz")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; imagefolder writes a folder")
-    if out.is_dir() and not _replaceable(out):
-        raise UserError(f"--out {out}: folder exists and is not an earlier export; choose a new or empty folder")
+    check_png_folder_out(distilled, images, out, "imagefolder", _replaceable, "an earlier export")
     pixels, clipped = to_pixels(artifact)
     width = max(5, len(str(len(pixels) - 1)))
     names = [f"{i:0{width}d}.png" for i in range(len(pixels))]

@@ -28,7 +28,7 @@ from ssdd import artifacts, distilled_set
 from ssdd.data.formats import hf as hf_format
 from ssdd.data.formats.common import one_line
 from ssdd.errors import UserError
-from ssdd.interop.pixels import to_pixels
+from ssdd.interop.pixels import check_png_folder_out, to_pixels
 from ssdd.interop.readers import Foreign, _single
 
 log = logging.getLogger("ssdd")
@@ -79,13 +79,7 @@ def export_hf(artifact: distilled_set.DistilledArtifact, out: Path) -> Path:
     if artifact.views != "none":
         raise UserError(f"{artifact.path}: the set has views ({artifact.views}) whose targets --format hf does not "
                         "carry yet; use --format npz, which does")
-    if images.shape[1] not in (1, 3):
-        raise UserError(f"{artifact.path}: PNG export needs 1 or 3 channels, the images have {images.shape[1]}; "
-                        "use --format npz")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file; --format hf writes a folder")
-    if out.is_dir() and not _earlier_export(out):
-        raise UserError(f"--out {out}: folder exists and is not an earlier hf export; choose a new or empty folder")
+    check_png_folder_out(artifact.path, images, out, "--format hf", _earlier_export, "an earlier hf export")
     pixels, clipped = to_pixels(artifact)
     image_dtype, target_dtype = str(images.dtype).removeprefix("torch."), str(targets.dtype).removeprefix("torch.")
     features = datasets.Features({

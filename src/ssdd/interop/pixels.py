@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from ssdd.distilled_set import DistilledArtifact
+from ssdd.errors import UserError
+
+
+def check_png_folder_out(where: object, images: torch.Tensor, out: Path, writer: str,
+                         earlier: Callable[[Path], bool], earlier_what: str) -> None:
+    """What both PNG folder exports refuse in one line: images that are not 1 or 3 channels, an ``--out`` that
+    is a file, and an existing folder that is not an earlier export of theirs (``earlier``)."""
+    if images.shape[1] not in (1, 3):
+        raise UserError(f"{where}: PNG export needs 1 or 3 channels, the images have {images.shape[1]}; "
+                        "use --format npz")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; {writer} writes a folder")
+    if out.is_dir() and not earlier(out):
+        raise UserError(f"--out {out}: folder exists and is not {earlier_what}; choose a new or empty folder")
 
 
 def to_pixels(artifact: DistilledArtifact) -> tuple[np.ndarray, float]:
